@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models built in the test (no downloads), a saved tiny student artifact.
+
+Markers (see pyproject): ``slow`` (real corpus / real weights), ``server`` (a real tritonserver, MLflow
+store or Prefect API), ``gpu``. ``pytest -m "not slow and not server"`` runs the fast unit tests alone;
+the README's test command runs everything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "good great fine love excellent wonderful happy best nice fun bad awful terrible hate boring worst sad poor "
+    "ugly dull the a movie film plot actor phone battery screen book story was is it this and but not very "
+    "really so i we you they what where who when how why city country person number question answer"
+).split()
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_tokenizer(directory: Path):
+    """A WordPiece tokenizer over a tiny vocabulary, saved and loaded like a real one."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz.,!?'")
+    (directory / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(str(directory))
+    return tok
+
+
+def make_teacher(tokenizer, num_labels: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0):
+    """A tiny BERT sequence classifier built from a config (random weights)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=hidden * 2, max_position_embeddings=64, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_tokenizer):
+    return make_teacher(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tiny_tokenizer, tiny_teacher) -> Path:
+    """A saved student artifact (safetensors + JSON + tokenizer) carved from the tiny teacher."""
+    from kdops.artifacts import StudentMeta, save_student
+    from kdops.student import from_teacher
+
+    student = from_teacher(tiny_teacher, num_labels=2, layers=[1], embedding_size=16)
+    out = tmp_path_factory.mktemp("students") / "tiny"
+    meta = StudentMeta(label_names=["neg", "pos"], max_length=32, lineage={"teacher_id": "tiny-teacher"})
+    return save_student(out, student, tiny_tokenizer, meta)
+
+
+@pytest.fixture
+def kdops_home(tmp_path, monkeypatch) -> Path:
+    """An isolated kdops data directory."""
+    monkeypatch.setenv("KDOPS_HOME", str(tmp_path / "kdops_home"))
+    return tmp_path / "kdops_home"
