@@ -27,12 +27,13 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 
 def make_tokenizer(directory: Path):
     """A WordPiece tokenizer over a tiny vocabulary, saved and loaded like a real one."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz.,!?'")
-    (directory / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokens += list("abcdefghijklmnopqrstuvwxyz.,!?'")
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True)
     tok.save_pretrained(str(directory))
     return tok
 
