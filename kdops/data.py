@@ -150,20 +150,22 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, list[dict]]:
             if lineno == 1:
                 raise DataError(f"{path}: the header line is not valid UTF-8 ({e.reason}).") from e
             bad.append({"line": lineno, "raw": line.decode("utf-8", "replace"), "reason": f"undecodable bytes ({e.reason})"})
-    text = "\n".join(good_lines)
-    malformed: list[dict] = []
-
-    def on_bad(fields: list[str]) -> None:
-        malformed.append({"line": None, "raw": ",".join(fields), "reason": "malformed CSV row (wrong number of fields)"})
-        return None
-
+    # csv.reader, not pandas: pandas turns surplus fields into an index instead of flagging the row.
+    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad)
-    except (pd.errors.ParserError, csv.Error) as e:
+        records = list(csv.reader(io.StringIO("\n".join(good_lines)), dialect=dialect))
+    except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV file ({e}).") from e
-    except pd.errors.EmptyDataError as e:
-        raise DataError(f"{path}: the file is empty.") from e
-    return df, bad + malformed
+    records = [r for r in records if r]
+    if not records:
+        raise DataError(f"{path}: the file is empty.")
+    header, rows = records[0], []
+    for i, r in enumerate(records[1:], start=2):
+        if len(r) != len(header):
+            bad.append({"line": i, "raw": ",".join(r), "reason": f"malformed CSV row ({len(r)} fields, header has {len(header)})"})
+        else:
+            rows.append(r)
+    return pd.DataFrame(rows, columns=header, dtype=object), bad
 
 
 def read_table(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:

@@ -93,7 +93,10 @@ class TeacherTrainConfig:
     lr: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate (linear warm-up and decay)."})
     max_length: int = field(default=64, metadata={"help": "Token limit while fine-tuning (sentences are short)."})
     seed: int = field(default=13, metadata={"help": "Seed for shuffling and the new head."})
-    limit_per_domain: int | None = field(default=None, metadata={"help": "Subsample each domain (smoke runs)."})
+    limit_per_domain: int | None = field(
+        default=2000,
+        metadata={"help": "Seeded subsample per domain; 2,000 x 4 domains fine-tunes in ~5-8 min on 2 CPU cores."},
+    )
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
@@ -161,3 +164,16 @@ def bootstrap_teacher(out_dir: Path, train_texts: list[str], train_labels: list[
     os.replace(tmp, out_dir)
     log.info("teacher fine-tuned in %.0f s: %s", time.time() - t0, out_dir)
     return out_dir
+
+
+def bootstrap_sentiment_teacher(cfg: TeacherTrainConfig = TeacherTrainConfig(), root: Path | None = None,
+                                device: str = "cpu", progress: bool = True) -> Path:
+    """The default teacher: shipped MiniLM fine-tuned on the training splits of all four sentiment domains."""
+    from kdops import corpora
+    from kdops.paths import subdir
+
+    snap = corpora.load("sentiment", split="train", limit_per_domain=cfg.limit_per_domain, seed=cfg.seed)
+    rows = snap.rows.sample(frac=1.0, random_state=cfg.seed)  # interleave the domains
+    out = subdir("teachers", root) / "minilm-sentiment"
+    return bootstrap_teacher(out, rows["text"].tolist(), rows["label"].tolist(), list(corpora.SENTIMENT_LABELS),
+                             cfg, device=device, progress=progress)

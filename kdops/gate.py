@@ -1,0 +1,73 @@
+"""Stage 5: the promotion gate, a pure function of two evaluation reports and thresholds.
+
+``gate(candidate, champion, thresholds) -> Decision``: ``promote`` when the candidate keeps enough of the
+teacher's accuracy, forgets no domain slice beyond tolerance against the champion, and fits the latency
+budget; ``review`` when it misses a threshold by less than the review band (a person decides);
+``reject`` otherwise. Every reason is spelled out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    min_retention: float = field(default=0.97, metadata={"help": "Student accuracy / teacher accuracy must reach this."})
+    max_slice_drop: float = field(default=0.01, metadata={"help": "Largest accuracy drop on any domain slice vs the champion."})
+    max_p99_ms: float | None = field(default=None, metadata={"help": "Latency budget: p99 ms at batch size 1 (None = no budget)."})
+    review_band: float = field(default=0.01, metadata={"help": "Misses by less than this go to a person instead of a reject."})
+    min_slice_rows: int = field(default=30, metadata={"help": "Slices with fewer rows are too noisy to gate on."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_retention <= 1.5:
+            raise ValueError("min_retention must be in (0, 1.5].")
+        if self.max_slice_drop < 0 or self.review_band < 0:
+            raise ValueError("max_slice_drop and review_band must be non-negative.")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "promote" | "review" | "reject"
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gate(candidate: dict, champion: dict | None, th: GateThresholds = GateThresholds()) -> Decision:
+    """Decide on ``candidate`` (an ``EvalReport.to_dict()``) against the serving ``champion`` (or None)."""
+    hard, soft, ok = [], [], []
+
+    def check(name: str, value: float, limit: float, higher_is_better: bool) -> None:
+        gap = (limit - value) if higher_is_better else (value - limit)
+        cmp = ">=" if higher_is_better else "<="
+        msg = f"{name} {value:.4f} (limit {cmp} {limit:.4f})"
+        if gap <= 0:
+            ok.append(msg)
+        elif gap < th.review_band:
+            soft.append(msg + f": missed by {gap:.4f}, within the review band")
+        else:
+            hard.append(msg + f": missed by {gap:.4f}")
+
+    check("retention", candidate["retention"], th.min_retention, True)
+    if champion is not None:
+        for dom, m in champion.get("per_domain", {}).items():
+            cand = candidate.get("per_domain", {}).get(dom)
+            if cand is None:
+                hard.append(f"slice {dom!r}: evaluated for the champion but missing for the candidate")
+                continue
+            if min(m.get("n", 0), cand.get("n", 0)) < th.min_slice_rows:
+                continue
+            check(f"slice {dom!r} accuracy", cand["accuracy"], m["accuracy"] - th.max_slice_drop, True)
+    if th.max_p99_ms is not None:
+        p99 = candidate.get("latency", {}).get("batch1", {}).get("p99_ms")
+        if p99 is None:
+            hard.append("latency budget set but the candidate has no batch-1 latency measurement")
+        else:
+            check("p99 latency ms (batch 1)", p99, th.max_p99_ms, False)
+    if hard:
+        return Decision("reject", tuple(hard + soft))
+    if soft:
+        return Decision("review", tuple(soft))
+    return Decision("promote", tuple(ok) or ("no thresholds to check",))

@@ -1,0 +1,149 @@
+"""One distillation round, full or incremental, from rows to a saved student artifact with lineage.
+
+This is what the CLI, the Prefect flows and the benchmark call: soft labels come from the cache (the
+teacher runs only on unseen texts), an incremental round starts from the champion and mixes in a replay
+sample, and the result is a safetensors artifact whose ``kdops.json`` names everything it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kdops.artifacts import StudentMeta, load_student, save_student
+from kdops.distill import DistillConfig, DistillData, DistillResult, distill
+from kdops.replay import ReplayBuffer
+from kdops.soft_labels import SoftLabelCache
+from kdops.student import StudentConfig, StudentModel, alternate_layers, first_layers, from_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """How to build a new student: carved from the teacher (default) or from a config."""
+
+    init: str = field(default="teacher", metadata={"help": "'teacher' (copy teacher layers) or 'config' (random init)."})
+    layers: int = field(default=2, metadata={"help": "Transformer layers."})
+    layer_choice: str = field(default="alternate", metadata={"help": "'alternate' (DistilBERT) or 'first' (pruning) teacher layers."})
+    embedding_size: int | None = field(default=64, metadata={"help": "Rank of factorised word embeddings (None = full)."})
+    intermediate_size: int | None = field(default=768, metadata={"help": "FFN width (None = the teacher's)."})
+    hidden_size: int = field(default=256, metadata={"help": "Width, for init='config' only."})
+    heads: int = field(default=4, metadata={"help": "Attention heads, for init='config' only."})
+
+    def __post_init__(self) -> None:
+        if self.init not in ("teacher", "config"):
+            raise ValueError("init must be 'teacher' or 'config'.")
+        if self.layer_choice not in ("alternate", "first"):
+            raise ValueError("layer_choice must be 'alternate' or 'first'.")
+
+
+def build_student(teacher, shape: StudentShape, num_labels: int) -> StudentModel:
+    if shape.init == "teacher":
+        n_t = teacher.model.config.num_hidden_layers
+        layers = alternate_layers(n_t, shape.layers) if shape.layer_choice == "alternate" else first_layers(shape.layers)
+        return from_teacher(teacher.model, num_labels, layers, shape.embedding_size, shape.intermediate_size)
+    cfg = StudentConfig(vocab_size=len(teacher.tokenizer), num_labels=num_labels, hidden_size=shape.hidden_size,
+                        num_layers=shape.layers, num_heads=shape.heads, intermediate_size=shape.intermediate_size or 4 * shape.hidden_size,
+                        embedding_size=shape.embedding_size, pad_token_id=teacher.tokenizer.pad_token_id or 0)
+    return StudentModel(cfg)
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class RoundResult:
+    artifact: Path
+    result: DistillResult
+    cache: dict
+    soft_label_key: str
+    train_rows: int
+    replay_rows: int
+    lineage: dict
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["artifact"] = str(self.artifact)
+        return d
+
+
+def run_round(
+    teacher,
+    cache: SoftLabelCache,
+    train_rows: pd.DataFrame,
+    out_dir: Path,
+    cfg: DistillConfig = DistillConfig(),
+    val_rows: pd.DataFrame | None = None,
+    shape: StudentShape = StudentShape(),
+    champion_dir: Path | None = None,
+    replay: ReplayBuffer | None = None,
+    snapshot_ids: dict | None = None,
+    parent_version: str | None = None,
+    online: bool = False,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    on_epoch=None,
+) -> RoundResult:
+    """Distil a student on ``train_rows`` (+ a replay sample when incremental) and save it to ``out_dir``.
+
+    With ``champion_dir`` the round is incremental: it starts from the champion's weights. ``replay`` is
+    sampled (``cfg.replay_share`` rows per new row) before training and then updated with the new rows.
+    ``online=True`` runs the teacher every step instead of reading the cache (the benchmark's baseline).
+    """
+    label_names = list(teacher.label_names)
+    new_rows = train_rows[["id", "text", "label", "domain"]].reset_index(drop=True)
+    rows = new_rows
+    n_replay = 0
+    if champion_dir is not None and replay is not None and len(replay) and cfg.replay_share > 0:
+        extra = replay.sample(int(round(cfg.replay_share * len(new_rows))))
+        n_replay = len(extra)
+        rows = pd.concat([new_rows, extra], ignore_index=True)
+    texts = rows["text"].tolist()
+    logits = None if online else cache.get_or_compute(teacher, texts, progress=progress)
+    train = DistillData.from_rows(rows, label_names, logits)
+    val = None
+    if val_rows is not None and len(val_rows):
+        val = DistillData.from_rows(val_rows, label_names, cache.get_or_compute(teacher, val_rows["text"].tolist()))
+
+    if champion_dir is not None:
+        student, tokenizer, meta = load_student(champion_dir)
+        if meta.label_names != label_names:
+            raise ValueError(f"champion labels {meta.label_names} differ from the teacher's {label_names}.")
+        student.train()
+    else:
+        student, tokenizer = build_student(teacher, shape, len(label_names)), teacher.tokenizer
+    result = distill(student, tokenizer, train, cfg, val=val, teacher=teacher, checkpoint_dir=checkpoint_dir,
+                     progress=progress, on_epoch=on_epoch)
+    if replay is not None:
+        replay.add(new_rows)
+    key = cache.key(teacher.id, texts)
+    lineage = {
+        "teacher_id": teacher.id,
+        "snapshot_ids": snapshot_ids or {},
+        "soft_label_cache_key": key,
+        "parent": str(champion_dir) if champion_dir else None,
+        "parent_version": parent_version,
+        "incremental": champion_dir is not None,
+        "replay_rows": n_replay,
+        "distill_config": cfg.to_dict(),
+        "student_shape": asdict(shape) if champion_dir is None else None,
+        "code_version": code_version(),
+    }
+    save_student(out_dir, student, tokenizer, StudentMeta(label_names=label_names, max_length=cfg.max_length, lineage=lineage))
+    log.info("student saved to %s (%d rows, %d replayed)", out_dir, len(new_rows), n_replay)
+    return RoundResult(out_dir, result, cache.stats.to_dict(), key, len(new_rows), n_replay, lineage)
+
+
+def teacher_logits_for(teacher, cache: SoftLabelCache, rows: pd.DataFrame) -> np.ndarray:
+    return cache.get_or_compute(teacher, rows["text"].tolist())
