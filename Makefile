@@ -1,0 +1,21 @@
+# The README's two commands. Both set up the environment first (idempotent, see scripts/setup.sh).
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup        ## the main job: the whole loop on the shipped corpus and weights
+	.venv/bin/kdops demo --json out/demo.json
+
+test: setup        ## the whole suite, real servers included (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast: setup   ## unit tests only: no real servers, no real weights
+	$(PY) -m pytest -q -m "not slow and not server"
+
+bench: setup
+	$(PY) bench/quality.py --out out/quality.json
