@@ -19,6 +19,8 @@ from scipy import stats
 class TestResult:
     """One statistical test on one window."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     name: str = field(metadata={"help": "Test id, e.g. 'text.domain_classifier'."})
     statistic: float = field(metadata={"help": "Effect size: ROC-AUC, KS D, total-variation distance, rate."})
     p_value: float = field(metadata={"help": "P-value under 'no drift'; nan when the test could not run."})

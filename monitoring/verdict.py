@@ -79,11 +79,12 @@ class Trigger:
             raise ValueError(f"unknown decision {decision!r}; expected one of {sorted(_SEVERITY)}.")
         s, c = self.state, self.config
         s.windows_seen += 1
-        s.recent = (s.recent + [decision])[-c.n:]
         if s.cooldown_left > 0:
-            # A retrain (or a review) is already under way for this drift: more evidence of it starts nothing new.
+            # A retrain (or a review) is already under way for this drift: more evidence of it starts nothing
+            # new, and is not counted either, so a persisting drift acts at most once per cool-down + k windows.
             s.cooldown_left -= 1
             return OK
+        s.recent = (s.recent + [decision])[-c.n:]
         alarms = [d for d in s.recent if d != OK]
         if len(alarms) < c.k:
             return OK
