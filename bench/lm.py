@@ -1,0 +1,113 @@
+"""Benchmark: distil SmolLM2-135M-Instruct into a layer-pruned student on movie-review sentences.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/lm.py --out out/lm.json
+
+Target (CPU): student <= 40% of the teacher's parameters, perplexity <= 1.15x the teacher's on held-out
+movie-review sentences (the corpus' fixed test split), >= 2.5x the teacher's generation speed.
+The student is trained on the corpus' movie *train* split (in-domain KD + CE); the teacher is the general
+instruct model as shipped, so the comparison is "in-domain specialist student vs general teacher".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="Where to write the JSON report.")
+    ap.add_argument("--layers", type=int, default=7, help="Teacher layers the student keeps (of 30).")
+    ap.add_argument("--strategy", default="first_last", choices=["first_last", "first", "even"])
+    ap.add_argument("--trim-vocab", type=int, default=None,
+                    help="Trim the vocabulary to ids seen in training + the first N ids (off by default).")
+    ap.add_argument("--train-sentences", type=int, default=1000, help="Movie train sentences (seeded sample).")
+    ap.add_argument("--eval-sentences", type=int, default=200, help="Held-out movie test sentences.")
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--alpha", type=float, default=0.5, help="CE weight (1 - alpha on token KD).")
+    ap.add_argument("--kd-mode", default="forward", choices=["forward", "reverse", "jsd"])
+    ap.add_argument("--topk", type=int, default=32)
+    ap.add_argument("--seq-kd-weight", type=float, default=0.0)
+    ap.add_argument("--max-length", type=int, default=48, help="Token limit per sentence (start token included).")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for scoring and training.")
+    ap.add_argument("--speed-threads", type=int, default=1, help="torch threads in the speed subprocesses.")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=13)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from kdops import corpora
+    from kdops.lm.cache import LMSoftLabelCache
+    from kdops.lm.distill import LMDistillConfig, distill_round
+    from kdops.lm.evaluate import LMEvalConfig, LMReport, measure_generation, perplexity, top1_agreement
+    from kdops.lm.student import corpus_vocabulary, prune_layers, save_lm_student, select_layers
+    from kdops.lm.teacher import HFCausalLMTeacher, smollm2_dir
+    from kdops.paths import home, subdir
+
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    tdir = smollm2_dir()
+    teacher = HFCausalLMTeacher(tdir, device=args.device)
+    train = corpora.load("sentiment", split="train", domains=("movie",)).rows.sample(
+        n=args.train_sentences, random_state=args.seed)
+    test = corpora.load("sentiment", split="test", domains=("movie",)).rows.head(args.eval_sentences)
+    train_seqs = teacher.encode(train["text"].tolist(), args.max_length)
+    test_seqs = teacher.encode(test["text"].tolist(), args.max_length)
+
+    keep = None
+    if args.trim_vocab is not None:
+        keep = corpus_vocabulary(train_seqs, [teacher.start_id, teacher.eos_id, teacher.pad_id], args.trim_vocab)
+    layers = select_layers(teacher.model.config.num_hidden_layers, args.layers, args.strategy)
+    student = prune_layers(teacher.model, layers, keep)
+
+    cache = LMSoftLabelCache(home() / "lm_soft_labels.sqlite")
+    cfg = LMDistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+                          kd_mode=args.kd_mode, topk=args.topk, seq_kd_weight=args.seq_kd_weight, seed=args.seed)
+    round_ = distill_round(student, teacher, cache, train_seqs, cfg, pad_id=teacher.pad_id, device=args.device)
+    sdir = save_lm_student(subdir("students") / "smollm2-movie-lm", student, teacher.tokenizer,
+                           lineage={"teacher_id": teacher.id, "layers": layers, "trim_vocab": args.trim_vocab,
+                                    "train_sentences": len(train_seqs), "distill": round_["config"]})
+
+    t_ppl = perplexity(teacher.model, test_seqs, teacher.pad_id)
+    s_ppl = perplexity(student, test_seqs, teacher.pad_id)
+    agree = top1_agreement(teacher.model, student, test_seqs, teacher.pad_id)
+    ecfg = LMEvalConfig(threads=args.speed_threads)
+    prompts = [s[: ecfg.gen_prompt_tokens] for s in test_seqs[: ecfg.gen_prompts]]
+    t_speed = measure_generation("teacher", tdir, prompts, ecfg.max_new_tokens, args.device, ecfg.threads)
+    s_speed = measure_generation("student", sdir, prompts, ecfg.max_new_tokens, args.device, ecfg.threads)
+    report = LMReport(teacher={**t_ppl, **t_speed, "params": teacher.num_parameters()},
+                      student={**s_ppl, **s_speed, "params": student.num_parameters()}, agreement_top1=agree,
+                      ppl_by_domain={"movie": {"teacher": t_ppl["ppl"], "student": s_ppl["ppl"]}})
+    summary = report.summary()
+    summary["targets_met"] = {"params<=0.40": summary["param_ratio"] <= 0.40, "ppl_ratio<=1.15": summary["ppl_ratio"] <= 1.15,
+                              "speedup>=2.5": summary["speedup"] >= 2.5}
+    out = {**summary, "layers": layers, "args": vars(args), "round": {k: v for k, v in round_.items() if k != "history"},
+           "loss_first_last": [round_["history"][0], round_["history"][-1]], "report": report.to_dict(),
+           "student_dir": str(sdir), "seconds": round(time.time() - t_start, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+
+    rows = [("perplexity (movie test)", t_ppl["ppl"], s_ppl["ppl"], summary["ppl_ratio"]),
+            ("generation tokens/s", t_speed["tokens_per_s"], s_speed["tokens_per_s"], summary["speedup"]),
+            ("parameters (M)", teacher.num_parameters() / 1e6, student.num_parameters() / 1e6, summary["param_ratio"]),
+            ("peak memory (MB)", t_speed["peak_mem_mb"], s_speed["peak_mem_mb"],
+             s_speed["peak_mem_mb"] / max(t_speed["peak_mem_mb"], 1e-9))]
+    print(f"\n{'metric':<26}{'teacher':>12}{'student':>12}{'student/teacher':>18}")
+    for name, t, s, r in rows:
+        print(f"{name:<26}{t:>12.2f}{s:>12.2f}{r:>18.3f}")
+    print(f"top-1 agreement {agree:.3f}; layers {layers}; targets {summary['targets_met']}; {out['seconds']:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()

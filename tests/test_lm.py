@@ -1,0 +1,220 @@
+"""Causal-LM distillation with tiny random Llamas built in the test (vocab 100, hidden 32, 2-4 layers)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kdops.artifacts import ArtifactError
+from kdops.lm.cache import LMSoftLabelCache
+from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
+from kdops.lm.evaluate import LMReport, perplexity, top1_agreement
+from kdops.lm.student import LMStudent, load_lm_student, prune_layers, save_lm_student, select_layers
+from kdops.lm.teacher import HFCausalLMTeacher, LMTeacher, greedy_generate, pad_batch
+
+V = 100
+
+
+def tiny_llama(layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class TinyTokenizer:
+    """Just enough tokenizer for save_lm_student: writes a file, as save_pretrained does."""
+
+    def save_pretrained(self, d: str) -> None:
+        with open(f"{d}/tokenizer_stub.json", "w") as fh:
+            json.dump({"vocab_size": V}, fh)
+
+
+class TinyTeacher:
+    """An ``LMTeacher`` over a tiny Llama, counting how many sequences it was asked to score."""
+
+    def __init__(self, model, tid: str = "tiny-teacher"):
+        self.model, self.id, self.vocab_size, self.calls = model, tid, V, 0
+        self._hf = HFCausalLMTeacher.__new__(HFCausalLMTeacher)  # reuse its topk without loading from disk
+        self._hf.model, self._hf.device, self._hf.batch_size, self._hf.pad_id = model, torch.device("cpu"), 8, 0
+
+    def encode(self, texts, max_length=64):
+        raise NotImplementedError
+
+    def topk(self, sequences, k):
+        self.calls += len(sequences)
+        return HFCausalLMTeacher.topk(self._hf, sequences, k)
+
+    def generate(self, prompts, max_new_tokens):
+        self.calls += len(prompts)
+        return greedy_generate(self.model, prompts, max_new_tokens, pad_id=0, eos_id=None)
+
+
+def sequences(n: int = 24, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, V, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_select_layers():
+    assert select_layers(30, 7, "first_last") == [0, 1, 2, 3, 4, 5, 29]
+    assert select_layers(30, 4, "first") == [0, 1, 2, 3]
+    assert select_layers(5, 3, "even") == [0, 2, 4]
+    with pytest.raises(ValueError):
+        select_layers(4, 5)
+
+
+def test_pruning_keeps_chosen_layers_weights():
+    teacher = tiny_llama(4)
+    student = prune_layers(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.model.state_dict()
+    for name in s:
+        src = name.replace("layers.1.", "layers.3.")
+        assert torch.equal(s[name], t[src]), name
+    assert student.num_parameters() < sum(p.numel() for p in teacher.parameters())
+    # all layers kept: the student is the teacher
+    same = prune_layers(teacher, [0, 1, 2, 3])
+    x = torch.tensor(sequences(2)[0])[None]
+    assert torch.allclose(same(x), teacher(x).logits, atol=1e-5)
+
+
+def test_trimmed_vocab_is_a_distribution_over_full_vocab():
+    teacher = tiny_llama(2)
+    keep = list(range(0, 60))
+    student = prune_layers(teacher, [0, 1], keep)
+    assert student.model.config.vocab_size == 61 and student.other_id == 60
+    x = torch.tensor([[1, 5, 70, 8]])
+    logits = student(x)
+    lp = student.full_logprobs(logits, torch.arange(V).expand(1, 4, V))  # (1, 4, V)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(1, 4), atol=1e-5)
+    assert int(student.top1_full(logits).max()) < 60  # never <other>
+    gen = student.generate([[1, 5, 8]], 5, pad_id=0, eos_id=None)
+    assert len(gen[0]) == 5 and all(i in keep for i in gen[0])
+
+
+def test_topk_cache_hits_and_misses(tmp_path):
+    teacher = TinyTeacher(tiny_llama(2))
+    assert isinstance(teacher, LMTeacher)
+    cache = LMSoftLabelCache(tmp_path / "lm.sqlite")
+    seqs = sequences(6)
+    first = cache.get_or_compute_topk(teacher, seqs, k=5)
+    assert (cache.stats.hits, cache.stats.misses, teacher.calls) == (0, 6, 6)
+    ids, lps = first[0]
+    assert ids.shape == (len(seqs[0]) - 1, 5) and np.all(np.diff(lps, axis=1) <= 1e-6)
+    again = cache.get_or_compute_topk(teacher, seqs[:4] + sequences(2, seed=9), k=5)
+    assert (cache.stats.hits, cache.stats.misses, teacher.calls) == (4, 8, 8)  # teacher ran on the 2 new only
+    assert np.array_equal(again[0][0], ids) and np.allclose(again[0][1], lps)
+    # the cached values are the teacher's own log-probs
+    logits = teacher.model(torch.tensor([seqs[0]])).logits[0, :-1]
+    ref = torch.log_softmax(logits, -1).topk(5, -1)
+    assert np.allclose(lps, ref.values.detach().numpy(), atol=1e-5)
+    other = TinyTeacher(teacher.model, tid="another-teacher")  # a new teacher id never reads old rows
+    cache.get_or_compute_topk(other, seqs[:2], k=5)
+    assert other.calls == 2 and cache.count("tiny-teacher") == 8
+    gens = cache.get_or_generate(teacher, [s[:3] for s in seqs[:3]], max_new_tokens=4)
+    cache.get_or_generate(teacher, [s[:3] for s in seqs[:3]], max_new_tokens=4)
+    assert all(len(g) == 4 for g in gens) and (cache.gen_stats.hits, cache.gen_stats.misses) == (3, 3)
+
+
+def _kd_gap(teacher, student, seqs) -> float:
+    """Mean KL(teacher || student) over all positions, full vocabulary."""
+    ids, mask = pad_batch(seqs, 0)
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits, -1)
+        s = torch.log_softmax(student(ids, mask), -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return float(kl[mask.bool()].mean())
+
+
+@pytest.mark.parametrize("mode", ["forward", "jsd"])
+def test_token_kd_round_moves_student_towards_teacher(tmp_path, mode):
+    torch.set_num_threads(1)
+    teacher_model = tiny_llama(4, seed=0)
+    teacher = TinyTeacher(teacher_model)
+    student = prune_layers(teacher_model, [0])
+    seqs = sequences(32)
+    before, agree_before = _kd_gap(teacher_model, student, seqs), top1_agreement(teacher_model, student, seqs)
+    cfg = LMDistillConfig(steps=60, batch_size=8, lr=3e-3, alpha=0.0, kd_mode=mode, topk=20, seed=1)
+    out = distill_round(student, teacher, LMSoftLabelCache(tmp_path / "c.sqlite"), seqs, cfg, progress=False)
+    after, agree_after = _kd_gap(teacher_model, student, seqs), top1_agreement(teacher_model, student, seqs)
+    assert after < 0.7 * before and agree_after >= agree_before
+    assert out["history"][-1]["kd"] < out["history"][0]["kd"]
+    assert out["cache"]["misses"] == 32
+
+
+def test_incremental_round_with_replay_and_seq_kd_hits_cache(tmp_path):
+    teacher_model = tiny_llama(2)
+    teacher = TinyTeacher(teacher_model)
+    cache = LMSoftLabelCache(tmp_path / "c.sqlite")
+    student = prune_layers(teacher_model, [1])
+    old, new = sequences(10, seed=1), sequences(10, seed=2)
+    cfg = LMDistillConfig(steps=3, batch_size=4, topk=8, seq_kd_weight=0.5, seq_kd_new_tokens=4)
+    distill_round(student, teacher, cache, old, cfg, progress=False)
+    calls = teacher.calls
+    out = distill_round(student, teacher, cache, new, cfg, replay=replay_sample(old, 5), progress=False)
+    assert teacher.calls - calls == 20  # new text only: 10 top-k + 10 generations; replay came from the cache
+    assert out["replay_pool"] == 5 and out["history"][-1]["seq_kd"] > 0
+
+
+def test_save_load_round_trip_and_checksum(tmp_path, monkeypatch):
+    import transformers
+
+    student = prune_layers(tiny_llama(3), [0, 2], keep_ids=list(range(50)))
+    d = save_lm_student(tmp_path / "s", student, TinyTokenizer(), lineage={"teacher_id": "tiny"})
+    assert (d / "model.safetensors").exists() and (d / "vocab_map.safetensors").exists()
+    assert not list(d.glob("*.bin")) and not list(d.glob("*.pt"))  # no pickle anywhere
+    meta = json.loads((d / "kdops.json").read_text())
+    assert meta["lineage"]["teacher_id"] == "tiny" and meta["trimmed_vocab"]
+    # the stub tokenizer is not an HF tokenizer: stand in for AutoTokenizer during the load
+    monkeypatch.setattr(transformers, "AutoTokenizer", type("Tok", (), {"from_pretrained": staticmethod(lambda p: "tok")}))
+    loaded, tok, _ = load_lm_student(d)
+    x = torch.tensor([[1, 4, 70, 9]])
+    assert tok == "tok" and torch.equal(loaded.keep_ids, student.keep_ids)
+    assert torch.allclose(loaded(x), student(x), atol=1e-6)
+    with open(d / "model.safetensors", "r+b") as fh:  # flip a byte: the checksum must catch it
+        fh.seek(-3, 2)
+        b = fh.read(1)
+        fh.seek(-3, 2)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_lm_student(d)
+
+
+def test_perplexity_matches_hand_computation():
+    model = tiny_llama(2)
+    seqs = [[1, 5, 6, 7], [1, 9, 10]]
+    nll, n = 0.0, 0
+    for s in seqs:  # one sequence at a time, no padding: the reference
+        lp = torch.log_softmax(model(torch.tensor([s])).logits[0, :-1], -1)
+        nll -= sum(float(lp[i, s[i + 1]]) for i in range(len(s) - 1))
+        n += len(s) - 1
+    got = perplexity(model, seqs, pad_id=0, batch_size=2)  # batched and padded
+    assert got["tokens"] == n == 5
+    assert math.isclose(got["ppl"], math.exp(nll / n), rel_tol=1e-5)
+    # the same model wrapped as a student scores the same
+    wrapped = LMStudent(model, V)
+    assert math.isclose(perplexity(wrapped, seqs)["ppl"], got["ppl"], rel_tol=1e-5)
+
+
+def test_report_summary_is_json_and_gate_compatible():
+    r = LMReport(teacher={"ppl": 10.0, "tokens_per_s": 10.0, "params": 100, "peak_mem_mb": 50.0},
+                 student={"ppl": 11.0, "tokens_per_s": 30.0, "params": 40, "peak_mem_mb": 20.0},
+                 agreement_top1=0.5, ppl_by_domain={"movie": {"teacher": 10.0, "student": 11.0}})
+    s = r.summary()
+    assert math.isclose(s["ppl_ratio"], 1.1) and s["speedup"] == 3.0 and s["param_ratio"] == 0.4
+    json.dumps(r.to_dict())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="alpha"):
+        LMDistillConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="kd_mode"):
+        LMDistillConfig(kd_mode="kl")
