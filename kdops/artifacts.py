@@ -2,7 +2,7 @@
 
 A student directory holds:
 - ``model.safetensors``: the weights;
-- ``config.json``: the ``StudentConfig``;
+- ``student_config.json``: the ``StudentConfig`` (not config.json, which transformers would try to read);
 - ``kdops.json``: label names, max length, lineage (teacher id, snapshot ids, loss config, parent) and the
   SHA-256 of the weights, checked on every load so that a corrupt or swapped file fails loudly;
 - the tokenizer files (``tokenizer.json`` ...), as ``save_pretrained`` writes them.
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from kdops.student import StudentConfig, StudentModel
 
-WEIGHTS, CONFIG, META = "model.safetensors", "config.json", "kdops.json"
+WEIGHTS, CONFIG, META = "model.safetensors", "student_config.json", "kdops.json"
 
 
 class ArtifactError(RuntimeError):

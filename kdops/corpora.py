@@ -122,7 +122,6 @@ def load(
             raise DataError(f"Unknown domain(s) {sorted(unknown)} in {name}; have {sorted(df['domain'].unique())}.")
         df = df[df["domain"].isin(domains)]
     if limit_per_domain is not None:
-        df = df.groupby("domain", group_keys=False).apply(
-            lambda g: g.sample(n=min(limit_per_domain, len(g)), random_state=seed)
-        )
+        # Not groupby().apply: pandas 3 drops the grouping column from what apply returns.
+        df = pd.concat([g.sample(n=min(limit_per_domain, len(g)), random_state=seed) for _, g in df.groupby("domain")])
     return from_rows(df.drop(columns=["split"]).reset_index(drop=True), labels)

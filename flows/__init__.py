@@ -1,0 +1,1 @@
+"""Prefect flows: thin, typed tasks composing kdops (library), serving (Triton) and monitoring (Evidently)."""
