@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--tweets", type=int, default=2000, help="Unlabelled tweets arriving for the incremental round.")
     ap.add_argument("--inc-epochs", type=int, default=None, help="Epochs of the incremental round (default 2).")
     ap.add_argument("--replay-share", type=float, default=0.5, help="Replay rows per new row in the incremental round.")
+    ap.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate of the full distillation.")
+    ap.add_argument("--compile", default="auto", help="torch.compile: auto (GPU only), yes or no.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
     args = ap.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
 
     # --- full distillation on movie ------------------------------------------------------------
     shape = StudentShape(layers=args.layers, embedding_size=args.embedding_size, intermediate_size=args.intermediate_size)
-    cfg = DistillConfig(epochs=epochs, batch_size=32, lr=1e-4, early_stopping_patience=0)
+    cfg = DistillConfig(epochs=epochs, batch_size=32, lr=args.lr, early_stopping_patience=0, compile=args.compile)
     val = movie_train.sample(n=min(500, len(movie_train) // 5), random_state=1)
     train = movie_train.drop(val.index)
     replay = ReplayBuffer(capacity=4000, seed=13)
@@ -128,7 +130,8 @@ def main() -> None:
     # --- incremental scenario: 2,000 unlabelled tweets arrive --------------------------------------
     tweets = corpora.load("sentiment", split="train", domains=("tweets",)).rows.sample(n=args.tweets, random_state=3)
     tweets_unlabelled = tweets.assign(label=None)  # only teacher soft labels are used
-    inc_cfg = DistillConfig(epochs=inc_epochs, batch_size=32, lr=1e-4, early_stopping_patience=0, replay_share=args.replay_share)
+    inc_cfg = DistillConfig(epochs=inc_epochs, batch_size=32, lr=1e-4, early_stopping_patience=0, replay_share=args.replay_share,
+                            compile=args.compile)
     cache.get_or_compute(teacher, tweets["text"].tolist(), progress=True)  # labelling is shared by both arms
     r2 = run_round(teacher, cache, tweets_unlabelled, work / "student_v2", inc_cfg, champion_dir=r1.artifact, replay=replay)
     v2 = Predictor.from_dir(r2.artifact, device=args.device)

@@ -119,13 +119,13 @@ def bootstrap_teacher(out_dir: Path, train_texts: list[str], train_labels: list[
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-    base = Path(base or base_model_path())
     key = json.dumps({"cfg": asdict(cfg), "labels": label_names, "n": len(train_texts),
                       "data": __import__("hashlib").sha256("\n".join(train_texts).encode()).hexdigest()[:16]})
     marker = out_dir / "kdops_teacher.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         log.info("teacher cache hit: %s", out_dir)
         return out_dir
+    base = Path(base or base_model_path())  # only needed on a miss: a cached teacher needs no base weights
 
     torch.manual_seed(cfg.seed)
     label2id = {n: i for i, n in enumerate(label_names)}
