@@ -557,12 +557,13 @@ class Registry:
 
     # -- UI ------------------------------------------------------------------------------------
 
-    def ui_command(self, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
-        """The ``mlflow server`` command line (``mlflow ui`` is its alias) for this store."""
+    def ui_command(self, port: int = 5000, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+        """The ``mlflow server`` command line (``mlflow ui`` is its alias) for this store. One worker by
+        default: MLflow's default of 4 processes each import mlflow, too much for a laptop UI."""
         if not self.is_sqlite:
             raise RegistryError(f"{self.tracking_uri} is not an embedded store; open it in a browser instead.")
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.tracking_uri,
-               "--host", host, "--port", str(port)]
+               "--host", host, "--port", str(port), "--workers", str(workers)]
         if self.artifact_root:
             cmd += ["--default-artifact-root", self.artifact_root]
         return cmd
