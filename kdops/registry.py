@@ -104,11 +104,16 @@ def _actor(actor: str | None) -> str:
 
 
 def _transient(e: Exception) -> bool:
-    # SQLite under concurrent writers: MLflow wraps OperationalError as TEMPORARILY_UNAVAILABLE; a
-    # version-number race surfaces as an IntegrityError after MLflow's own 3 retries.
+    # SQLite under concurrent writers: MLflow wraps OperationalError ("database is locked") as
+    # TEMPORARILY_UNAVAILABLE; a version-number race surfaces as an IntegrityError after MLflow's own
+    # 3 retries; a busy server answers 503 or drops the connection. Anything else is a real error.
+    code = getattr(e, "error_code", "")
+    if code == "RESOURCE_ALREADY_EXISTS":
+        return False
     text = str(e).lower()
-    return any(s in text for s in ("database is locked", "temporarily_unavailable", "unique constraint",
-                                   "integrityerror", "busy", "connection reset", "503", "502"))
+    return (code in ("TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED") or "database is locked" in text
+            or "unique constraint failed" in text
+            or type(e).__name__ in ("ConnectionError", "OperationalError", "ReadTimeout"))
 
 
 class RunLog:
