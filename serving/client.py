@@ -1,0 +1,108 @@
+"""A small Triton client for kdops models.
+
+``tritonclient.http.InferenceServerClient`` is not safe to share across threads (gevent underneath), so
+``ServingClient`` keeps one per thread; one ``ServingClient`` can be shared by many threads.
+Model-control calls carry the admin header the server was started with (serving/server.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.server import ADMIN_HEADER
+
+
+class ServingError(RuntimeError):
+    """A request the server refused or could not answer."""
+
+
+@dataclass
+class ServedPredictions:
+    probabilities: np.ndarray  # (N, num_labels) float32 (logits for a teacher model)
+    labels: list[str]
+    versions: list[str]  # MODEL_VERSION per row; empty strings for a teacher
+
+
+class ServingClient:
+    def __init__(self, url: str, admin_key: str = "", timeout_s: float = 60.0):
+        self.url, self.admin_key, self.timeout_s = url, admin_key, timeout_s
+        self._local = threading.local()
+
+    @property
+    def http(self):
+        c = getattr(self._local, "client", None)
+        if c is None:
+            import tritonclient.http as httpclient
+
+            c = httpclient.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
+                                                 network_timeout=self.timeout_s)
+            self._local.client = c
+        return c
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
+
+    # -- inference ---------------------------------------------------------------------------
+    def infer(self, model: str, texts: list[str], version: str = "") -> ServedPredictions:
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        arr = np.array([[t.encode("utf-8") if isinstance(t, str) else t] for t in texts], dtype=object)
+        inp = httpclient.InferInput("TEXT", list(arr.shape), "BYTES")
+        inp.set_data_from_numpy(arr)
+        try:
+            res = self.http.infer(model, [inp], model_version=version)
+        except InferenceServerException as e:
+            raise ServingError(f"{model}: {e.message() if hasattr(e, 'message') else e}") from e
+        names = {o["name"] for o in res.get_response()["outputs"]}
+        scores = res.as_numpy("PROBABILITIES" if "PROBABILITIES" in names else "LOGITS")
+        labels = [x.decode() for x in res.as_numpy("LABEL").reshape(-1)]
+        versions = ([x.decode() for x in res.as_numpy("MODEL_VERSION").reshape(-1)]
+                    if "MODEL_VERSION" in names else [""] * len(labels))
+        return ServedPredictions(scores.astype(np.float32), labels, versions)
+
+    def predict(self, model: str, texts: list[str]) -> ServedPredictions:
+        return self.infer(model, texts)
+
+    # -- health and metadata -----------------------------------------------------------------
+    def live(self) -> bool:
+        try:
+            return bool(self.http.is_server_live())
+        except Exception:
+            return False
+
+    def model_ready(self, model: str, version: str = "") -> bool:
+        try:
+            return bool(self.http.is_model_ready(model, version))
+        except Exception:
+            return False
+
+    def model_config(self, model: str) -> dict:
+        return self.http.get_model_config(model)
+
+    def parameter(self, model: str, key: str) -> str:
+        return self.model_config(model).get("parameters", {}).get(key, {}).get("string_value", "")
+
+    # -- model control (restricted: needs the admin key) -------------------------------------
+    def _control(self, fn, *args, **kw):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return fn(*args, headers=self.admin_headers, **kw)
+        except InferenceServerException as e:
+            raise ServingError(str(e)) from e
+
+    def load(self, model: str) -> None:
+        """Load (or reload) ``model`` from the repository; returns when it is ready or raises."""
+        self._control(self.http.load_model, model)
+
+    def unload(self, model: str) -> None:
+        self._control(self.http.unload_model, model)
+
+    def index(self) -> list[dict]:
+        """The repository index: name, version, state (READY, UNAVAILABLE, UNLOADING...), reason."""
+        return self._control(self.http.get_model_repository_index)
