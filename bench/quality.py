@@ -52,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/quality.json"), help="Where to write the JSON results.")
     ap.add_argument("--quick", action="store_true", help="Smaller budget (fewer epochs and rows); same fields.")
-    ap.add_argument("--epochs", type=int, default=None, help="Epochs for the full distillation (default 4, quick 2).")
+    ap.add_argument("--epochs", type=int, default=None, help="Epochs for the full distillation (default 8, quick 2).")
     ap.add_argument("--layers", type=int, default=2, help="Student layers carved from the teacher.")
     ap.add_argument("--embedding-size", type=int, default=64, help="Rank of the student's factorised embeddings.")
     ap.add_argument("--intermediate-size", type=int, default=768, help="Student FFN width.")
@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    epochs = args.epochs or (2 if args.quick else 4)
+    epochs = args.epochs or (2 if args.quick else 8)
     inc_epochs = args.inc_epochs or 2
     root = home()
     work = root / "bench" / "quality"

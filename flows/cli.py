@@ -27,7 +27,8 @@ for group in library_app.registered_groups:
 def _mount(module: str, name: str, help_text: str) -> None:
     import importlib
 
-    sub = importlib.import_module(module).app
+    mod = importlib.import_module(module)
+    sub = getattr(mod, "app", None) or getattr(mod, f"{name}_app")
     app.add_typer(sub, name=name, help=help_text)
 
 

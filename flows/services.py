@@ -1,0 +1,70 @@
+"""Embedded services the loop needs: Prefect's own API server (MLflow is a SQLite URI; Triton is serving/).
+
+Each is replaced by configuration: ``PREFECT_API_URL`` set means "use that server, start nothing".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrefectServer:
+    """``prefect server start`` on loopback with its database under ``home``; a context manager."""
+
+    def __init__(self, home: Path, port: int | None = None, timeout_s: float = 120.0):
+        self.home, self.port, self.timeout_s = Path(home), port or _free_port(), timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.external = os.environ.get("PREFECT_API_URL", "")
+        self.url = self.external or f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> "PrefectServer":
+        if self.external:
+            return self
+        (self.home / "prefect").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PREFECT_HOME=str(self.home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{self.home / 'prefect' / 'prefect.db'}")
+        env.pop("PREFECT_API_URL", None)
+        log = open(self.home / "prefect" / "server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                      "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + self.timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited ({self.proc.returncode}); see {self.home / 'prefect' / 'server.log'}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        os.environ["PREFECT_API_URL"] = self.url
+                        return self
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"prefect server did not answer on {self.url} within {self.timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if not self.external:
+            os.environ.pop("PREFECT_API_URL", None)
+
+    def __enter__(self) -> "PrefectServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,156 @@
+"""Small typed Prefect tasks. Each calls one stage of kdops, serving or monitoring; no ML math here.
+
+Tasks hand the next one an identifier (a snapshot id, an artifact path, an MLflow version), never a
+global. Retries sit on the decorator for the steps that touch a server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from kdops.data import Snapshot, from_rows
+from kdops.distill import DistillConfig
+from kdops.gate import Decision, GateThresholds, gate
+from kdops.rounds import StudentShape
+
+MODEL = "kdops-student"
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """Where a loop keeps its state and which servers it talks to: configuration, not globals."""
+
+    home: str = field(metadata={"help": "kdops data directory (snapshots, caches, students)."})
+    teacher_dir: str = field(metadata={"help": "Teacher model directory (HF sequence classifier)."})
+    tracking_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (None: embedded SQLite)."})
+    triton_url: str = field(default="", metadata={"help": "Triton HTTP host:port."})
+    triton_key: str = field(default="", metadata={"help": "Admin key for Triton's model-control API."})
+    repository: str = field(default="", metadata={"help": "Triton model repository as seen from here."})
+    model: str = field(default=MODEL, metadata={"help": "Registered and served model name."})
+    prediction_log: str = field(default="", metadata={"help": "Prediction-log directory written by the server."})
+    device: str = field(default="cpu", metadata={"help": "Training device."})
+
+
+def _teacher(ctx: LoopContext):
+    from kdops.teacher import HFTeacher
+
+    return HFTeacher(ctx.teacher_dir, device=ctx.device)
+
+
+@task(name="snapshot", cache_policy=None)
+def snapshot_rows(ctx: LoopContext, rows: pd.DataFrame, labels: tuple[str, ...]) -> str:
+    snap = from_rows(rows, labels)
+    snap.save(Path(ctx.home) / "snapshots")
+    return snap.id
+
+
+@task(name="teacher-soft-labels", retries=2, retry_delay_seconds=[2, 5], cache_policy=None)
+def soft_labels(ctx: LoopContext, snapshot_id: str) -> dict:
+    """Fill the cache for a snapshot; the teacher runs only on texts it has not seen."""
+    from kdops.soft_labels import SoftLabelCache
+
+    snap = Snapshot.load(Path(ctx.home) / "snapshots", snapshot_id)
+    cache = SoftLabelCache(Path(ctx.home) / "soft_labels.sqlite")
+    cache.get_or_compute(_teacher(ctx), snap.texts)
+    return cache.stats.to_dict()
+
+
+@task(name="distill", cache_policy=None)
+def distill_round(ctx: LoopContext, snapshot_id: str, cfg: DistillConfig, shape: StudentShape,
+                  champion_dir: str | None, parent_version: int | None) -> dict:
+    """Distil into ``<home>/students/<round key>``; a re-run with the same inputs reuses the finished artifact."""
+    import hashlib
+
+    from kdops.replay import ReplayBuffer
+    from kdops.rounds import run_round
+    from kdops.soft_labels import SoftLabelCache
+
+    teacher = _teacher(ctx)
+    key = hashlib.sha256(json.dumps([snapshot_id, teacher.id, cfg.to_dict(), champion_dir, str(shape)], default=str).encode()).hexdigest()[:12]
+    out = Path(ctx.home) / "students" / key
+    if (out / "kdops.json").exists():  # idempotent re-run: a killed flow does not retrain what it finished
+        return {"artifact": str(out), "reused": True, "key": key}
+    snap = Snapshot.load(Path(ctx.home) / "snapshots", snapshot_id)
+    replay_dir = Path(ctx.home) / "replay"
+    replay = ReplayBuffer.load(replay_dir) if (replay_dir / "replay.json").exists() else ReplayBuffer()
+    res = run_round(teacher, SoftLabelCache(Path(ctx.home) / "soft_labels.sqlite"), snap.rows, out, cfg, shape=shape,
+                    champion_dir=Path(champion_dir) if champion_dir else None, replay=replay,
+                    snapshot_ids={"train": snapshot_id}, parent_version=str(parent_version) if parent_version else None,
+                    checkpoint_dir=Path(ctx.home) / "checkpoints" / key, progress=False)
+    replay.save(replay_dir)
+    return {"artifact": str(out), "reused": False, "key": key, "history": res.result.history, "seconds": res.result.seconds,
+            "cache": res.cache, "soft_label_key": res.soft_label_key, "replay_rows": res.replay_rows}
+
+
+@task(name="evaluate", cache_policy=None)
+def evaluate_student(ctx: LoopContext, artifact: str, eval_snapshot_id: str, speed: bool = False) -> dict:
+    from kdops.evaluate import evaluate
+    from kdops.predict import Predictor
+    from kdops.soft_labels import SoftLabelCache
+
+    teacher = _teacher(ctx)
+    snap = Snapshot.load(Path(ctx.home) / "snapshots", eval_snapshot_id)
+    rows = snap.rows[snap.rows["label"].isin(teacher.label_names)].reset_index(drop=True)
+    logits = SoftLabelCache(Path(ctx.home) / "soft_labels.sqlite").get_or_compute(teacher, rows["text"].tolist())
+    return evaluate(Predictor.from_dir(artifact), rows, logits, teacher.label_names, speed=speed, robustness=False,
+                    teacher_params=teacher.num_parameters()).to_dict()
+
+
+@task(name="gate", cache_policy=None)
+def gate_task(candidate: dict, champion: dict | None, thresholds: GateThresholds) -> Decision:
+    return gate(candidate, champion, thresholds)
+
+
+@task(name="register", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=None)
+def register(ctx: LoopContext, artifact: str, report: dict, distill_info: dict, snapshot_ids: dict, cfg: DistillConfig) -> int:
+    """An MLflow run (params, metrics, report, plots, inputs) and a model version with lineage."""
+    from kdops import plots
+    from kdops.artifacts import read_meta
+    from kdops.registry import Registry
+
+    reg = Registry(tracking_uri=ctx.tracking_uri)
+    sha = read_meta(artifact).weights_sha256
+    for v in reg.versions(ctx.model):  # idempotent across re-runs: the same weights are one version
+        if v.get("weights_sha256") == sha:
+            return int(v["version"])
+    with reg.run(f"distill-{distill_info.get('key', '')}", tags={"kdops.round_key": distill_info.get("key", "")}) as run:
+        run.log_params({"distill": cfg.to_dict(), "reused": distill_info.get("reused")})
+        for rec in distill_info.get("history", []):
+            run.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["epoch"])
+        run.log_eval_report(report)
+        for context, sid in snapshot_ids.items():
+            run.log_snapshot(Snapshot.load(Path(ctx.home) / "snapshots", sid), context=context)
+        if distill_info.get("history"):
+            run.log_figure(plots.learning_curves(distill_info["history"]), "learning_curves")
+        run.log_figure(plots.domain_accuracy({"student": report, "teacher": None, "champion": None}), "domain_accuracy")
+        return reg.register(artifact, run.run_id, name=ctx.model)
+
+
+@task(name="hot-swap", retries=1, retry_delay_seconds=[5], cache_policy=None)
+def hot_swap_task(ctx: LoopContext, artifact: str) -> dict:
+    from serving.client import ServingClient
+    from serving.export import ExportConfig
+    from serving.swap import SwapConfig, hot_swap
+
+    client = ServingClient(ctx.triton_url, admin_key=ctx.triton_key)
+    cfg = SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1))
+    return hot_swap(client, ctx.model, artifact, repo=ctx.repository, cfg=cfg).to_dict()
+
+
+@task(name="registry-promote", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=None)
+def promote_in_registry(ctx: LoopContext, version: int, reason: str, summary: dict) -> dict:
+    from kdops.registry import Registry
+
+    return Registry(tracking_uri=ctx.tracking_uri).promote(ctx.model, version, reason, summary, actor="promote_flow")
+
+
+@task(name="open-review", cache_policy=None)
+def open_review(ctx: LoopContext, kind: str, payload: dict, reason: str) -> int:
+    from kdops.review import ReviewQueue
+
+    return ReviewQueue(Path(ctx.home) / "review.sqlite").add(kind, payload, reason)
