@@ -27,9 +27,24 @@ class ServedPredictions:
 
 
 class ServingClient:
-    def __init__(self, url: str, admin_key: str = "", timeout_s: float = 60.0):
-        self.url, self.admin_key, self.timeout_s = url, admin_key, timeout_s
+    def __init__(self, url: str, admin_key: str = "", timeout_s: float = 60.0, grpc_url: str = ""):
+        self.url, self.admin_key, self.timeout_s, self.grpc_url = url, admin_key, timeout_s, grpc_url
         self._local = threading.local()
+
+    @classmethod
+    def for_server(cls, server, **kw) -> "ServingClient":
+        """A client for a TritonServer (embedded or attached), with its admin key and gRPC control URL."""
+        return cls(server.url, server.admin_key, grpc_url=server.grpc_url, **kw)
+
+    @property
+    def grpc(self):
+        c = getattr(self._local, "grpc_client", None)
+        if c is None:
+            import tritonclient.grpc as grpcclient
+
+            c = grpcclient.InferenceServerClient(self.grpc_url)
+            self._local.grpc_client = c
+        return c
 
     @property
     def http(self):
@@ -88,21 +103,33 @@ class ServingClient:
         return self.model_config(model).get("parameters", {}).get(key, {}).get("string_value", "")
 
     # -- model control (restricted: needs the admin key) -------------------------------------
-    def _control(self, fn, *args, **kw):
+    # Why gRPC: Triton's HTTP server answers a load on one of its event-loop threads and holds that thread
+    # until the load ends; every HTTP connection pinned to the same thread waits with it (measured: requests
+    # in flight when a load began took the whole 8-13 s of the load). Control over gRPC leaves the HTTP
+    # inference threads alone. HTTP control remains the fallback when no gRPC URL is known.
+    def _control(self, name: str, *args):
         from tritonclient.utils import InferenceServerException
 
         try:
-            return fn(*args, headers=self.admin_headers, **kw)
+            if self.grpc_url:
+                headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key} if self.admin_key else {}
+                out = getattr(self.grpc, name)(*args, headers=headers)
+                if name == "get_model_repository_index":
+                    from google.protobuf.json_format import MessageToDict
+
+                    return MessageToDict(out).get("models", [])
+                return out
+            return getattr(self.http, name)(*args, headers=self.admin_headers)
         except InferenceServerException as e:
             raise ServingError(str(e)) from e
 
     def load(self, model: str) -> None:
         """Load (or reload) ``model`` from the repository; returns when it is ready or raises."""
-        self._control(self.http.load_model, model)
+        self._control("load_model", model)
 
     def unload(self, model: str) -> None:
-        self._control(self.http.unload_model, model)
+        self._control("unload_model", model)
 
     def index(self) -> list[dict]:
         """The repository index: name, version, state (READY, UNAVAILABLE, UNLOADING...), reason."""
-        return self._control(self.http.get_model_repository_index)
+        return self._control("get_model_repository_index")

@@ -40,6 +40,7 @@ class ServerError(RuntimeError):
 class ServerConfig:
     repository: str = field(default="", metadata={"help": "Model repository directory (required)."})
     url: str = field(default="", metadata={"help": "Attach to this external Triton (host:port, HTTP) instead of starting one."})
+    grpc_url: str = field(default="", metadata={"help": "gRPC host:port of the attached Triton (model control goes there)."})
     admin_key: str = field(default="", metadata={"help": "Key for the model-control API; empty: a random one (embedded) or $KDOPS_TRITON_ADMIN_KEY."})
     http_port: int = field(default=0, metadata={"help": "HTTP port (0: a free one)."})
     grpc_port: int = field(default=0, metadata={"help": "gRPC port (0: a free one)."})
@@ -110,7 +111,7 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self.admin_key = cfg.admin_key or os.environ.get("KDOPS_TRITON_ADMIN_KEY", "") or secrets.token_urlsafe(24)
         self.url = cfg.url
-        self.grpc_url = ""
+        self.grpc_url = cfg.grpc_url
         self.metrics_url = ""
         self.workdir: Path | None = None
         self.log_path: Path | None = None
