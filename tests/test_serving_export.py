@@ -1,0 +1,38 @@
+"""serving.export without a server: complete configs, no pickle copied, artifacts checked first."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdops.artifacts import ArtifactError
+from serving.export import ExportConfig, ensemble_config, export_student
+
+
+def test_export_student_layout(tiny_student_dir, tmp_path):
+    (tiny_student_dir / "stray.bin").write_bytes(b"pickle!")  # must never be copied
+    try:
+        vdir = export_student(tiny_student_dir, tmp_path, "m", 3, ExportConfig(instance_kind="KIND_GPU", gpus=(0,)))
+    finally:
+        (tiny_student_dir / "stray.bin").unlink()
+    assert (vdir / "model.py").exists() and (vdir / "__pycache__").is_dir()
+    assert (vdir / "artifact" / "model.safetensors").exists() and not (vdir / "artifact" / "stray.bin").exists()
+    text = (tmp_path / "m" / "config.pbtxt").read_text()
+    for piece in ('backend: "python"', "TYPE_STRING", "KIND_GPU", "gpus: [ 0 ]", "preferred_batch_size",
+                  "max_queue_delay_microseconds", "model_warmup", '"kdops_version"', "3-"):
+        assert piece in text
+    assert (tmp_path / "m" / "warmup" / "text").read_bytes()[:4] != b"\0\0\0\0"
+
+
+def test_export_refuses_non_student(tmp_path):
+    with pytest.raises(ArtifactError):
+        export_student(tmp_path, tmp_path / "repo", "m")
+
+
+def test_config_validation_and_ensemble():
+    with pytest.raises(ValueError):
+        ExportConfig(instance_kind="KIND_TPU")
+    with pytest.raises(ValueError):
+        ExportConfig(max_batch_size=8, preferred_batch_sizes=(16,))
+    assert 'model_name: "m__s1"' in ensemble_config("m", "m__s1", 2, 64)
+    assert "dynamic_batching" not in __import__("serving.export", fromlist=["x"]).model_config(
+        "m", ExportConfig(dynamic_batching=False), 2, "student", {})

@@ -1,0 +1,164 @@
+"""The real tritonserver (nvidia-pytriton wheel): deploy, infer, restricted control, bad requests,
+hot swap under load, a broken version refused, rollback, prediction log, a served teacher.
+
+One server for the module (start ~2 s, each slot load ~3-10 s on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.server
+
+tritonclient = pytest.importorskip("tritonclient.http")
+
+
+@pytest.fixture(scope="module")
+def second_student(tmp_path_factory, tiny_tokenizer):
+    from kdops.artifacts import StudentMeta, save_student
+    from kdops.student import from_teacher
+    from tests.conftest import make_teacher
+
+    student = from_teacher(make_teacher(tiny_tokenizer, seed=1), num_labels=2, layers=[1], embedding_size=16)
+    meta = StudentMeta(label_names=["neg", "pos"], max_length=32)
+    return save_student(tmp_path_factory.mktemp("students2") / "tiny2", student, tiny_tokenizer, meta)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_student_dir):
+    from serving.export import ExportConfig
+    from serving.server import ServerConfig, TritonServer
+    from serving.swap import SwapConfig, deploy
+
+    root = tmp_path_factory.mktemp("triton")
+    cfg = SwapConfig(export=ExportConfig(prediction_log_dir=str(root / "predictions"), max_queue_delay_us=1000))
+    with TritonServer(ServerConfig(repository=str(root / "repo"))) as server:
+        first = deploy(server, "student", tiny_student_dir, cfg=cfg)
+        yield server, cfg, first, root
+
+
+def _client(server, key=True):
+    from serving.client import ServingClient
+
+    return ServingClient(server.url, server.admin_key if key else "", grpc_url=server.grpc_url)
+
+
+def test_infer_matches_local_predictor(served, tiny_student_dir):
+    from kdops.predict import Predictor
+
+    server, _, first, _ = served
+    texts = ["this movie was good", "awful boring plot", "what city is this"]
+    out = _client(server).infer("student", texts)
+    expected = Predictor.from_dir(tiny_student_dir).predict_proba(texts)
+    np.testing.assert_allclose(out.probabilities, expected, atol=1e-5)
+    assert out.versions == [first.label] * 3 and set(out.labels) <= {"neg", "pos"}
+
+
+def test_model_control_refused_without_key(served):
+    from serving.client import ServingClient, ServingError
+
+    server = served[0]
+    for anon in (ServingClient(server.url), ServingClient(server.url, grpc_url=server.grpc_url),
+                 ServingClient(server.url, "wrong-key", grpc_url=server.grpc_url)):
+        with pytest.raises(ServingError, match="restricted"):
+            anon.load("student__s1")
+        with pytest.raises(ServingError, match="restricted"):
+            anon.unload("student")
+    assert _client(server).model_ready("student")
+
+
+def test_bad_requests_get_errors_and_model_keeps_serving(served):
+    import tritonclient.http as httpclient
+
+    from serving.client import ServingError
+
+    server = served[0]
+    client = _client(server)
+    with pytest.raises(ServingError, match="empty"):
+        client.infer("student", ["   "])
+    with pytest.raises(ServingError, match="limit"):
+        client.infer("student", ["x" * 50_000])
+    with pytest.raises(ServingError, match="UTF-8"):
+        client.infer("student", [b"\xff\xfe\xfa"])
+    wrong = httpclient.InferInput("TEXT", [1, 1], "INT32")
+    wrong.set_data_from_numpy(np.array([[7]], np.int32))
+    with pytest.raises(Exception, match="(?i)datatype|type"):
+        client.http.infer("student", [wrong])
+    assert client.infer("student", ["still good"]).probabilities.shape == (1, 2)
+
+
+def test_hot_swap_under_load_broken_version_and_rollback(served, second_student, tiny_student_dir, tmp_path):
+    from serving.swap import SwapError, hot_swap, rollback, serving_status
+
+    server, cfg, first, _ = served
+    stop, errors, seen, lat = threading.Event(), [], set(), []
+
+    def hammer():
+        c = _client(server, key=False)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                seen.update(c.infer("student", ["good movie", "bad plot"]).versions)
+            except Exception as e:  # any failure is a test failure, counted below
+                errors.append(str(e))
+            lat.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        second = hot_swap(server, "student", second_student, cfg=cfg)
+        broken = tmp_path / "broken"
+        shutil.copytree(second_student, broken)
+        data = bytearray((broken / "model.safetensors").read_bytes())
+        data[-64:] = b"\x00" * 64
+        (broken / "model.safetensors").write_bytes(bytes(data))
+        with pytest.raises(SwapError, match="still serving"):
+            hot_swap(server, "student", broken, cfg=cfg)
+        assert _client(server).infer("student", ["ok"]).versions == [second.label]
+        back = rollback(server, "student", cfg=cfg)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert back.label.split("-")[1] == first.label.split("-")[1]  # same weights as the first version
+    assert {first.label, second.label} <= seen
+    assert _client(server).infer("student", ["ok"]).versions == [back.label]
+    status = serving_status(server, "student")
+    assert status["active_slot"] == back.slot and [h["note"] for h in status["history"]][-1].startswith("rollback")
+    assert max(lat) < 10.0  # no load-length stall (was 8-13 s with HTTP model control)
+
+
+def test_prediction_log_round_trip(served):
+    from kdops.prediction_log import read_predictions
+
+    server, _, _, root = served
+    t0 = time.time()
+    _client(server).infer("student", ["logged sentence one", "logged sentence two"])
+    df = read_predictions(root / "predictions", since=t0 - 0.5)
+    row = df[df["text"] == "logged sentence two"].iloc[-1]
+    assert row["label"] in ("neg", "pos") and len(row["probabilities"]) == 2 and row["model_version"]
+
+
+def test_served_teacher_matches_local(served, tiny_tokenizer, tiny_teacher, tmp_path):
+    from serving.teacher import TritonTeacher, deploy_teacher
+
+    server = served[0]
+    hf_dir = tmp_path / "teacher"
+    tiny_teacher.config.id2label, tiny_teacher.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    tiny_teacher.save_pretrained(str(hf_dir), safe_serialization=True)
+    tiny_tokenizer.save_pretrained(str(hf_dir))
+    deploy_teacher(server, hf_dir, "teacher")
+    remote = TritonTeacher(server.url, "teacher")
+    from kdops.teacher import HFTeacher
+
+    local = HFTeacher(hf_dir)
+    texts = ["good movie", "the plot was awful and boring"]
+    np.testing.assert_allclose(remote.logits(texts), local.logits(texts), atol=1e-4)
+    assert remote.label_names == ["neg", "pos"] and remote.id == local.id
