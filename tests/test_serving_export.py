@@ -36,3 +36,15 @@ def test_config_validation_and_ensemble():
     assert 'model_name: "m__s1"' in ensemble_config("m", "m__s1", 2, 64)
     assert "dynamic_batching" not in __import__("serving.export", fromlist=["x"]).model_config(
         "m", ExportConfig(dynamic_batching=False), 2, "student", {})
+
+
+def test_cli_every_option_has_help():
+    import typer.main
+
+    from serving.cli import app
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if p.param_type_name == "option":
+                assert p.help, f"serve {name} {p.name} has no help text"

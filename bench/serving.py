@@ -1,0 +1,163 @@
+"""Serving bench (on demand, never a timed test): dynamic batching, student vs teacher, hot swaps under load.
+
+    .venv/bin/python bench/serving.py --out out/bench_serving.json [--swaps 100] [--clients 32]
+
+Runs its own tritonserver on 127.0.0.1 with tiny test models by default (--student/--teacher for real
+dirs), closed-loop client threads (one tritonclient per thread), bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TEXTS = ["this movie was really good", "a terrible boring plot and an awful actor", "what city is this",
+         "i love this phone but the battery is bad", "the story was fine"]
+
+
+def load(url, model, clients, seconds, stop_when=None):
+    """Closed loop: each thread sends one-text requests back to back; returns (latencies s, errors, rps)."""
+    from serving.client import ServingClient
+
+    client, lat, errs, stop = ServingClient(url), [], [], threading.Event()
+
+    def run(i):
+        k = i
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                client.infer(model, [TEXTS[k % len(TEXTS)]])
+            except Exception as e:  # counted, never hidden
+                errs.append(str(e)[:200])
+            lat.append(time.perf_counter() - t0)
+            k += 1
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    if stop_when is None:
+        time.sleep(seconds)
+    else:
+        stop_when()
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    wall = time.perf_counter() - t0
+    return np.array(lat), errs, len(lat) / wall
+
+
+def pct(lat, q):
+    return round(float(np.percentile(lat, q) * 1000), 2) if len(lat) else None
+
+
+def rss_kb(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def tiny_models(root: Path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_teacher, make_tokenizer
+
+    from kdops.artifacts import StudentMeta, save_student
+    from kdops.student import from_teacher
+
+    tok = make_tokenizer(root / "tok")
+    teacher = make_teacher(tok, layers=4, hidden=128)  # the "expensive" one: 4 layers, 128 hidden
+    teacher.config.id2label, teacher.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    teacher.save_pretrained(str(root / "teacher"), safe_serialization=True)
+    tok.save_pretrained(str(root / "teacher"))
+    students = []
+    for seed in (0, 1):
+        s = from_teacher(make_teacher(tok, layers=4, hidden=128, seed=seed), num_labels=2, layers=[1], embedding_size=32)
+        students.append(save_student(root / f"student{seed}", s, tok, StudentMeta(["neg", "pos"], max_length=64)))
+    return students, root / "teacher"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="Write the JSON results here.")
+    ap.add_argument("--clients", type=int, default=32, help="Concurrent client threads.")
+    ap.add_argument("--seconds", type=float, default=15.0, help="Duration of each steady-load phase.")
+    ap.add_argument("--swaps", type=int, default=100, help="Hot swaps under load (fewer for a quick run).")
+    ap.add_argument("--student", type=Path, nargs=2, default=None, help="Two real student dirs to swap between.")
+    ap.add_argument("--teacher", type=Path, default=None, help="A real HF teacher dir (safetensors).")
+    ap.add_argument("--nice-loading", action="store_true", help="Renice loading stubs (SwapConfig.nice_loading).")
+    args = ap.parse_args()
+
+    from serving.client import ServingClient
+    from serving.export import ExportConfig, export_student
+    from serving.server import ServerConfig, TritonServer
+    from serving.swap import SwapConfig, deploy, hot_swap
+    from serving.teacher import deploy_teacher
+
+    root = Path(tempfile.mkdtemp(prefix="kdops-bench-serving-"))
+    students, teacher = tiny_models(root)
+    students = list(args.student or students)
+    teacher = args.teacher or teacher
+    res = {"clients": args.clients, "seconds": args.seconds, "command": " ".join(sys.argv)}
+    rows = []
+    with TritonServer(ServerConfig(repository=str(root / "repo"))) as server:
+        client = ServingClient.for_server(server)
+        export_student(students[0], server.repository, "nobatch", 1, ExportConfig(dynamic_batching=False, warmup=False))
+        client.load("nobatch")
+        cfg = SwapConfig(nice_loading=args.nice_loading)
+        deploy(server, "student", students[0], cfg=cfg)
+        deploy_teacher(server, teacher, "teacher")
+        for name, model in (("no batching", "nobatch"), ("dynamic batching", "student"), ("teacher (batching)", "teacher")):
+            load(server.url, model, args.clients, 2.0)  # warm the connections and caches
+            lat, errs, rps = load(server.url, model, args.clients, args.seconds)
+            rows.append((name, rps, pct(lat, 50), pct(lat, 95), pct(lat, 99), len(errs)))
+            res[model] = {"rps": round(rps, 1), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
+                          "errors": len(errs)}
+        client.unload("nobatch")
+        client.unload("teacher")
+        res["batching_throughput_gain"] = round(res["student"]["rps"] / res["nobatch"]["rps"], 2)
+        res["student_vs_teacher_speedup"] = round(res["student"]["rps"] / res["teacher"]["rps"], 2)
+        res["p50_ms"], res["p95_ms"], res["p99_ms"] = (res["student"][k] for k in ("p50_ms", "p95_ms", "p99_ms"))
+        res["steady_p99_ms"] = res["student"]["p99_ms"]
+        time.sleep(2)
+        rss0 = rss_kb(server.pids())
+        swap_s = []
+
+        def swaps():
+            for i in range(args.swaps):
+                t0 = time.perf_counter()
+                hot_swap(server, "student", students[(i + 1) % 2], cfg=cfg)
+                swap_s.append(time.perf_counter() - t0)
+
+        lat, errs, rps = load(server.url, "student", args.clients, 0, stop_when=swaps)
+        time.sleep(3)
+        rss1 = rss_kb(server.pids())
+        res.update(swaps=len(swap_s), swap_requests=len(lat), swap_failed=len(errs), swap_errors=errs[:5],
+                   swap_max_latency_ms=round(float(lat.max() * 1000), 1), swap_p99_ms=pct(lat, 99),
+                   swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1),
+                   rss_kb_before=rss0, rss_kb_after=rss1, rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
+        res["swap_max_over_steady_p99"] = round(res["swap_max_latency_ms"] / res["steady_p99_ms"], 2)
+    print(f"{'load':<22}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for r in rows:
+        print(f"{r[0]:<22}{r[1]:>9.1f}{r[2]:>9}{r[3]:>9}{r[4]:>9}{r[5]:>8}")
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

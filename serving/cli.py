@@ -1,0 +1,124 @@
+"""``kdops serve ...``: a typer sub-app the main CLI mounts (flows/cli.py). Triton is imported inside commands."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Triton Inference Server: start, deploy, hot swap, rollback, status.", no_args_is_help=True)
+
+RepoOption = typer.Option(Path(".kdops/triton-repo"), "--repository", "-r", help="Model repository directory.")
+ModelOption = typer.Option("student", "--model", "-m", help="Stable model name clients call.")
+UrlOption = typer.Option(None, "--url", envvar="KDOPS_TRITON_URL", help="HTTP host:port of a running Triton (attach).")
+GrpcOption = typer.Option(None, "--grpc-url", envvar="KDOPS_TRITON_GRPC_URL", help="gRPC host:port of that Triton (model control goes there).")
+KeyOption = typer.Option(None, "--admin-key", envvar="KDOPS_TRITON_ADMIN_KEY", help="Key of the restricted model-control API.")
+LogDirOption = typer.Option(None, "--prediction-log", help="Directory for the prediction log (default: off).")
+
+
+def _client(url, grpc_url, key):
+    from serving.client import ServingClient
+
+    if not url:
+        typer.echo("error: --url (or $KDOPS_TRITON_URL) is required; start a server with `kdops serve serve`.", err=True)
+        raise typer.Exit(2)
+    return ServingClient(url, key or "", grpc_url=grpc_url or "")
+
+
+def _swap_cfg(prediction_log):
+    from serving.export import ExportConfig
+    from serving.swap import SwapConfig
+
+    return SwapConfig(export=ExportConfig(prediction_log_dir=str(prediction_log or "")))
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1) from e
+
+
+@app.command("serve")
+def serve(
+    repository: Path = RepoOption,
+    model: str = ModelOption,
+    student: Path = typer.Option(None, "--student", help="Deploy this student artifact dir at start."),
+    http_port: int = typer.Option(8000, help="HTTP port (0: a free one)."),
+    grpc_port: int = typer.Option(8001, help="gRPC port (0: a free one)."),
+    metrics_port: int = typer.Option(8002, help="Metrics port (0: a free one)."),
+    admin_key: str = KeyOption,
+    log_file: Path = typer.Option(None, help="Server log file (default: in a temporary work dir)."),
+    prediction_log: Path = LogDirOption,
+) -> None:
+    """Start the embedded tritonserver and keep it running until Ctrl-C."""
+    from serving.server import ServerConfig, TritonServer
+    from serving.swap import deploy
+
+    cfg = ServerConfig(repository=str(repository), http_port=http_port, grpc_port=grpc_port,
+                       metrics_port=metrics_port, admin_key=admin_key or "", log_file=str(log_file or ""))
+    with TritonServer(cfg) as server:
+        if student:
+            deploy(server, model, student, cfg=_swap_cfg(prediction_log))
+        typer.echo(json.dumps({"http": server.url, "grpc": server.grpc_url, "metrics": server.metrics_url,
+                               "log": str(server.log_path), "repository": str(server.repository)}))
+        if not admin_key:
+            typer.echo(f"export KDOPS_TRITON_ADMIN_KEY={server.admin_key}", err=True)
+        try:
+            while server.proc is not None and server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command("deploy")
+def deploy_cmd(student: Path = typer.Argument(..., help="Student artifact dir."), repository: Path = RepoOption,
+               model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
+               prediction_log: Path = LogDirOption) -> None:
+    """Export a student and serve it under the model name (first deployment or a new version)."""
+    from serving.swap import deploy
+
+    try:
+        typer.echo(json.dumps(deploy(_client(url, grpc_url, admin_key), model, student, repository,
+                                     _swap_cfg(prediction_log)).to_dict()))
+    except Exception as e:
+        _fail(e)
+
+
+@app.command("swap")
+def swap_cmd(student: Path = typer.Argument(..., help="New student artifact dir."), repository: Path = RepoOption,
+             model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
+             prediction_log: Path = LogDirOption) -> None:
+    """Hot swap: load beside the old version, verify, switch, unload the old. A failure keeps the old one."""
+    from serving.swap import hot_swap
+
+    try:
+        typer.echo(json.dumps(hot_swap(_client(url, grpc_url, admin_key), model, student, repository,
+                                       _swap_cfg(prediction_log)).to_dict()))
+    except Exception as e:
+        _fail(e)
+
+
+@app.command("rollback")
+def rollback_cmd(repository: Path = RepoOption, model: str = ModelOption, url: str = UrlOption,
+                 grpc_url: str = GrpcOption, admin_key: str = KeyOption,
+                 steps: int = typer.Option(1, help="How many swaps back."), prediction_log: Path = LogDirOption) -> None:
+    """Put a previous version back, by the same hot swap."""
+    from serving.swap import rollback
+
+    try:
+        typer.echo(json.dumps(rollback(_client(url, grpc_url, admin_key), model, repository,
+                                       _swap_cfg(prediction_log), steps).to_dict()))
+    except Exception as e:
+        _fail(e)
+
+
+@app.command("status")
+def status_cmd(repository: Path = RepoOption, model: str = ModelOption, url: str = UrlOption,
+               grpc_url: str = GrpcOption, admin_key: str = KeyOption) -> None:
+    """Active slot and version, swap history, and Triton's state of each slot."""
+    from serving.swap import serving_status
+
+    typer.echo(json.dumps(serving_status(_client(url, grpc_url, admin_key), model, repository), indent=2, default=str))
+
+
