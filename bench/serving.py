@@ -133,7 +133,11 @@ def main() -> None:
         res["student_vs_teacher_speedup"] = round(res["student"]["rps"] / res["teacher"]["rps"], 2)
         res["p50_ms"], res["p95_ms"], res["p99_ms"] = (res["student"][k] for k in ("p50_ms", "p95_ms", "p99_ms"))
         res["steady_p99_ms"] = res["student"]["p99_ms"]
-        time.sleep(2)
+        # Baseline after one swap, once the unloaded no-batch/teacher stubs have exited: a first quick run
+        # measured right after unloading them and reported a meaningless -68 %.
+        hot_swap(server, "student", students[1], cfg=cfg)
+        hot_swap(server, "student", students[0], cfg=cfg)
+        time.sleep(3)
         rss0 = rss_kb(server.pids())
         swap_s = []
 
