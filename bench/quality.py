@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--embedding-size", type=int, default=64, help="Rank of the student's factorised embeddings.")
     ap.add_argument("--intermediate-size", type=int, default=768, help="Student FFN width.")
     ap.add_argument("--tweets", type=int, default=2000, help="Unlabelled tweets arriving for the incremental round.")
-    ap.add_argument("--inc-epochs", type=int, default=None, help="Epochs of the incremental round (default 2).")
-    ap.add_argument("--replay-share", type=float, default=0.5, help="Replay rows per new row in the incremental round.")
+    ap.add_argument("--inc-epochs", type=int, default=4, help="Epochs of the incremental round.")
+    ap.add_argument("--replay-share", type=float, default=1.0, help="Replay rows per new row in the incremental round.")
     ap.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate of the full distillation.")
     ap.add_argument("--compile", default="auto", help="torch.compile: auto (GPU only), yes or no.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
@@ -67,7 +67,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     epochs = args.epochs or (2 if args.quick else 8)
-    inc_epochs = args.inc_epochs or 2
+    inc_epochs = args.inc_epochs
     root = home()
     work = root / "bench" / "quality"
     work.mkdir(parents=True, exist_ok=True)
