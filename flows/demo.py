@@ -140,7 +140,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
 
     with PrefectServer(root) as prefect, temporary_settings({PREFECT_API_URL: prefect.url}), \
             TritonServer(ServerConfig(repository=str(repo), log_file=str(run_dir / "triton.log"))) as triton:
-        ctx = LoopContext(home=str(root), teacher_dir=str(teacher_dir), triton_url=triton.url, triton_key=triton.admin_key,
+        ctx = LoopContext(home=str(root), teacher_dir=str(teacher_dir), triton_url=triton.url, triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key,
                           repository=str(repo), prediction_log=str(plog))
         movie = corpora.load("sentiment", split="train", domains=("movie",), limit_per_domain=v1_rows).rows
         # Each round is evaluated on the domains seen so far: v1 is gated on movie reviews, not on domains

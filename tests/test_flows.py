@@ -61,8 +61,8 @@ def test_loop_end_to_end_and_idempotent_rerun(tmp_path, monkeypatch, harness, ti
     home = tmp_path / "home"
     monkeypatch.setenv("KDOPS_HOME", str(home))
     ctx = LoopContext(home=str(home), teacher_dir=str(tiny_teacher_dir), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                      triton_url=triton.url, triton_key=triton.admin_key, repository=str(triton.repository),
-                      prediction_log=str(tmp_path / "predlog"))
+                      triton_url=triton.url, triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key,
+                      repository=str(triton.repository), prediction_log=str(tmp_path / "predlog"))
     shape = StudentShape(layers=1, embedding_size=8, intermediate_size=32)
     cfg = DistillConfig(epochs=1, batch_size=8)
     loose = GateThresholds(min_retention=0.01, max_slice_drop=1.0)
@@ -118,7 +118,8 @@ def test_failed_promotion_keeps_previous_champion(tmp_path, harness, tiny_studen
     from serving.swap import hot_swap
 
     ctx = LoopContext(home=str(tmp_path), teacher_dir="", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                      triton_url=triton.url, triton_key=triton.admin_key, repository=str(triton.repository), model="guard")
+                      triton_url=triton.url, triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key,
+                      repository=str(triton.repository), model="guard")
     hot_swap(triton, "guard", tiny_student_dir)
     before = ServingClient(triton.url).predict("guard", ["good movie"]).versions
     broken = tmp_path / "broken"
