@@ -49,6 +49,9 @@ class LoadGenerator:
         client, rng = ServingClient(self.url, timeout_s=30), np.random.default_rng(seed)
         while not self.stop_event.is_set():
             pool = self.pool
+            if not pool:
+                time.sleep(0.1)
+                continue
             text = pool[int(rng.integers(len(pool)))]
             t = time.time()
             try:
@@ -156,8 +159,9 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                        "retention": r0["report"]["retention"], "swap_failed": 0, "detect_to_serve_s": None})
         reference_texts = movie["text"].tolist()
         ref = _reference(r0["artifact"], reference_texts[:3000])
-        load = LoadGenerator(triton.url, ctx.model).start()
+        load = LoadGenerator(triton.url, ctx.model)
         load.set_pool(movie["text"].tolist())
+        load.start()
         time.sleep(3)
         stream = {d: corpora.load("sentiment", split="train", domains=(d,)).rows for d in DOMAINS}
         for d in DOMAINS:
@@ -166,7 +170,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                                     "student_acc_before": _accuracy_per_domain(champion["artifact"], tests), "teacher_acc": teacher_acc}
             for w in range(3):  # at most 3 windows per phase
                 since = time.time()
-                while True:  # wait for a full window of served traffic
+                while time.time() - since < 300:  # wait for a full window of served traffic (bounded)
                     time.sleep(1)
                     _, n = load.failed_between(since, time.time())
                     if n >= window:
