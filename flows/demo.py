@@ -92,13 +92,18 @@ def _accuracy_per_domain(artifact: str, tests: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
-def _reference(artifact: str, texts: list[str]):
+def _reference(artifact: str, texts: list[str], teacher, cache):
+    """The champion's reference profile, and a monitor config whose disagreement baseline is the champion's
+    own disagreement with the teacher on that reference (a fixed baseline would be wrong for most students)."""
     from kdops.predict import Predictor
-    from monitoring import MonitorConfig, profile_reference
+    from monitoring import DisagreementCheck, MonitorConfig, profile_reference
 
     p = Predictor.from_dir(artifact)
-    return profile_reference(texts, MonitorConfig(), probabilities=p.predict_proba(texts), embeddings=p.embed(texts),
-                             label_names=corpora.SENTIMENT_LABELS)
+    probs = p.predict_proba(texts)
+    base = float((probs.argmax(-1) != cache.get_or_compute(teacher, texts).argmax(-1)).mean())
+    cfg = MonitorConfig(disagreement=DisagreementCheck(sample_share=0.5, baseline_rate=min(0.5, base), tolerance=0.03))
+    ref = profile_reference(texts, cfg, probabilities=probs, embeddings=p.embed(texts), label_names=corpora.SENTIMENT_LABELS)
+    return ref, cfg
 
 
 def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
@@ -158,7 +163,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                        "student_acc_before": None, "student_acc_after": acc0, "teacher_acc": teacher_acc,
                        "retention": r0["report"]["retention"], "swap_failed": 0, "detect_to_serve_s": None})
         reference_texts = movie["text"].tolist()
-        ref = _reference(r0["artifact"], reference_texts[:3000])
+        ref, mon_cfg = _reference(r0["artifact"], reference_texts[:3000], teacher, cache)
         load = LoadGenerator(triton.url, ctx.model)
         load.set_pool(movie["text"].tolist())
         load.start()
@@ -176,7 +181,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                     if n >= window:
                         break
                 until = time.time()
-                mon = monitor_flow(ctx, ref, since, until, window_id=f"{d}-{w}")
+                mon = monitor_flow(ctx, ref, since, until, window_id=f"{d}-{w}", config=mon_cfg)
                 log.info("window %s-%d: %s -> %s", d, w, mon.get("decision"), mon.get("action"))
                 rec.setdefault("verdicts", []).append(mon.get("decision"))
                 if mon.get("action") == "retrain":
@@ -195,7 +200,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                     if "promotion" in r:
                         champion = {"version": r["version"], "artifact": r["artifact"], "report": r["report"]}
                         reference_texts = reference_texts + new["text"].tolist()
-                        ref = _reference(champion["artifact"], reference_texts[-3000:])
+                        ref, mon_cfg = _reference(champion["artifact"], reference_texts[-3000:], teacher, cache)
                         (root / "monitoring" / "trigger.json").unlink(missing_ok=True)  # a new champion, a fresh trigger
                     break
             rec.setdefault("student_acc_after", rec["student_acc_before"])

@@ -73,8 +73,10 @@ def distill_flow(ctx: LoopContext, new_rows: pd.DataFrame, eval_rows: pd.DataFra
 
 @flow(name="monitor_flow")
 def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None = None, window_id: str | None = None,
-                 teacher_sample: bool = True) -> dict:
+                 teacher_sample: bool = True, config=None, trigger=None) -> dict:
     """Check the traffic logged since ``since`` against the champion's reference profile."""
+    import dataclasses
+
     from kdops.prediction_log import read_predictions
     from monitoring import MonitorConfig, TriggerConfig, monitor_window
 
@@ -90,7 +92,8 @@ def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None 
         t = HFTeacher(ctx.teacher_dir)
         teacher = t.logits
     window = df[["text", "probabilities"]].reset_index(drop=True)
-    res = monitor_window(reference, window, Path(ctx.home) / "monitoring", MonitorConfig(window_size=max(20, len(window))),
-                         TriggerConfig(), teacher=teacher, window_id=window_id)
+    config = dataclasses.replace(config or MonitorConfig(), window_size=max(20, len(window)))
+    res = monitor_window(reference, window, Path(ctx.home) / "monitoring", config, trigger or TriggerConfig(),
+                         teacher=teacher, window_id=window_id)
     return {"rows": len(window), "decision": res.verdict.decision, "action": res.action,
             "report": str(res.report_path) if res.report_path else None, "history": res.history_row}
