@@ -101,7 +101,7 @@ def _reference(artifact: str, texts: list[str], teacher, cache):
     p = Predictor.from_dir(artifact)
     probs = p.predict_proba(texts)
     base = float((probs.argmax(-1) != cache.get_or_compute(teacher, texts).argmax(-1)).mean())
-    cfg = MonitorConfig(disagreement=DisagreementCheck(sample_share=0.5, baseline_rate=min(0.5, base), tolerance=0.03))
+    cfg = MonitorConfig(disagreement=DisagreementCheck(sample_share=1.0, baseline_rate=min(0.5, base), tolerance=0.03))
     ref = profile_reference(texts, cfg, probabilities=probs, embeddings=p.embed(texts), label_names=corpora.SENTIMENT_LABELS)
     return ref, cfg
 
