@@ -143,6 +143,11 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
     cfg = DistillConfig(epochs=3 if quick else 4, early_stopping_patience=0)
     inc_cfg = DistillConfig(epochs=2, lr=1e-4, early_stopping_patience=0, replay_share=1.0)
     thresholds = GateThresholds(min_retention=0.9, max_slice_drop=0.03)
+    from monitoring import TriggerConfig
+
+    # 2-of-3 hysteresis as in production; a 1-window cool-down because nothing here works the review queue,
+    # and a 6-window one would hide the retrain verdict that follows a review (demo traffic is short).
+    trigger_cfg = TriggerConfig(cooldown=1)
     rounds: list[dict] = []
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -173,7 +178,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
             load.set_pool(stream[d]["text"].tolist())
             detected, rec = False, {"domain": d, "drift_detected": False, "swap_failed": 0, "detect_to_serve_s": None,
                                     "student_acc_before": _accuracy_per_domain(champion["artifact"], tests), "teacher_acc": teacher_acc}
-            for w in range(3):  # at most 3 windows per phase
+            for w in range(4):  # at most 4 windows per phase
                 since = time.time()
                 while time.time() - since < 300:  # wait for a full window of served traffic (bounded)
                     time.sleep(1)
@@ -181,7 +186,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                     if n >= window:
                         break
                 until = time.time()
-                mon = monitor_flow(ctx, ref, since, until, window_id=f"{d}-{w}", config=mon_cfg)
+                mon = monitor_flow(ctx, ref, since, until, window_id=f"{d}-{w}", config=mon_cfg, trigger=trigger_cfg)
                 log.info("window %s-%d: %s -> %s", d, w, mon.get("decision"), mon.get("action"))
                 rec.setdefault("verdicts", []).append(mon.get("decision"))
                 if mon.get("action") == "retrain":

@@ -95,5 +95,10 @@ def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None 
     config = dataclasses.replace(config or MonitorConfig(), window_size=max(20, len(window)))
     res = monitor_window(reference, window, Path(ctx.home) / "monitoring", config, trigger or TriggerConfig(),
                          teacher=teacher, window_id=window_id)
-    return {"rows": len(window), "decision": res.verdict.decision, "action": res.action,
+    review_id = None
+    if res.action == "review":  # a person decides; the case carries the evidence
+        review_id = open_review(ctx, "drift", {"window_id": window_id, "rows": len(window), "fired": list(res.verdict.reasons),
+                                               "report": str(res.report_path) if res.report_path else None},
+                                res.verdict.explanation or "drift needs review")
+    return {"rows": len(window), "decision": res.verdict.decision, "action": res.action, "review_id": review_id,
             "report": str(res.report_path) if res.report_path else None, "history": res.history_row}
