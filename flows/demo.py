@@ -115,7 +115,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
     from flows.loop import distill_flow, monitor_flow
     from flows.report import render
     from flows.services import PrefectServer
-    from flows.tasks import LoopContext
+    from flows.tasks import LoopContext, save_snapshot
     from kdops.teacher import TeacherTrainConfig, bootstrap_sentiment_teacher
     from serving.server import ServerConfig, TritonServer
 
@@ -159,7 +159,9 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
         # Each round is evaluated on the domains seen so far: v1 is gated on movie reviews, not on domains
         # nobody has shown it yet; later rounds must keep every slice they inherit (the gate's forgetting check).
         seen = ["movie"]
-        r0 = distill_flow(ctx, movie, tests["movie"], corpora.SENTIMENT_LABELS, cfg, StudentShape(), thresholds, None)
+        labels = corpora.SENTIMENT_LABELS
+        r0 = distill_flow(ctx, save_snapshot(ctx, movie, labels), save_snapshot(ctx, tests["movie"], labels), cfg,
+                          StudentShape(), thresholds, None)
         if "promotion" not in r0:
             raise RuntimeError(f"student v1 was not deployed: gate said {r0['decision']['action']}: {r0['decision']['reasons']}")
         champion = {"version": r0["version"], "artifact": r0["artifact"], "report": r0["report"]}
@@ -168,7 +170,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                        "student_acc_before": None, "student_acc_after": acc0, "teacher_acc": teacher_acc,
                        "retention": r0["report"]["retention"], "swap_failed": 0, "detect_to_serve_s": None})
         reference_texts = movie["text"].tolist()
-        ref, mon_cfg = _reference(r0["artifact"], reference_texts[:3000], teacher, cache)
+        ref, mon_cfg = _reference(r0["artifact"], reference_texts[:2000], teacher, cache)
         load = LoadGenerator(triton.url, ctx.model)
         load.set_pool(movie["text"].tolist())
         load.start()
@@ -197,7 +199,8 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                     new = pd.DataFrame({"text": served["text"].drop_duplicates().tolist()}).assign(label=None, domain=d)
                     seen.append(d)
                     seen_rows = pd.concat([tests[x] for x in seen], ignore_index=True)
-                    r = distill_flow(ctx, new, seen_rows, corpora.SENTIMENT_LABELS, inc_cfg, StudentShape(), thresholds, champion)
+                    r = distill_flow(ctx, save_snapshot(ctx, new, labels), save_snapshot(ctx, seen_rows, labels), inc_cfg,
+                                     StudentShape(), thresholds, champion)
                     failed, total = load.failed_between(t_detect, time.time())
                     rec.update({"drift_detected": True, "decision": r["decision"]["action"], "version": r["version"],
                                 "student_acc_after": _accuracy_per_domain(r["artifact"], tests), "retention": r["report"]["retention"],
@@ -205,7 +208,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                     if "promotion" in r:
                         champion = {"version": r["version"], "artifact": r["artifact"], "report": r["report"]}
                         reference_texts = reference_texts + new["text"].tolist()
-                        ref, mon_cfg = _reference(champion["artifact"], reference_texts[-3000:], teacher, cache)
+                        ref, mon_cfg = _reference(champion["artifact"], reference_texts[-2000:], teacher, cache)
                         (root / "monitoring" / "trigger.json").unlink(missing_ok=True)  # a new champion, a fresh trigger
                     break
             rec.setdefault("student_acc_after", rec["student_acc_before"])

@@ -18,7 +18,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.tasks import (LoopContext, distill_round, evaluate_student, gate_task, hot_swap_task, open_review,
-                         promote_in_registry, register, snapshot_rows, soft_labels)
+                         promote_in_registry, register, soft_labels)
 from kdops.distill import DistillConfig
 from kdops.gate import GateThresholds
 from kdops.rounds import StudentShape
@@ -41,15 +41,14 @@ def promote_flow(ctx: LoopContext, version: int, artifact: str, reason: str, sum
 
 
 @flow(name="distill_flow")
-def distill_flow(ctx: LoopContext, new_rows: pd.DataFrame, eval_rows: pd.DataFrame, labels: tuple[str, ...],
+def distill_flow(ctx: LoopContext, train_id: str, eval_id: str,
                  cfg: DistillConfig = DistillConfig(), shape: StudentShape = StudentShape(),
                  thresholds: GateThresholds = GateThresholds(), champion: dict | None = None,
                  deploy: bool = True) -> dict:
-    """One round. ``champion``: {"version", "artifact", "report"} of the serving champion, or None."""
+    """One round on snapshot ``train_id`` (new rows), evaluated on snapshot ``eval_id`` (see
+    ``flows.tasks.save_snapshot``). ``champion``: {"version", "artifact", "report"} of the serving champion, or None."""
     log = get_run_logger()
     t0 = time.perf_counter()
-    train_id = snapshot_rows(ctx, new_rows, labels)
-    eval_id = snapshot_rows(ctx, eval_rows, labels)
     stats = soft_labels(ctx, train_id)
     log.info("soft labels for %s: %s", train_id, stats)
     info = distill_round(ctx, train_id, cfg, shape, champion["artifact"] if champion else None,

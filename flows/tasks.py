@@ -43,8 +43,9 @@ def _teacher(ctx: LoopContext):
     return HFTeacher(ctx.teacher_dir, device=ctx.device)
 
 
-@task(name="snapshot", cache_policy=None)
-def snapshot_rows(ctx: LoopContext, rows: pd.DataFrame, labels: tuple[str, ...]) -> str:
+def save_snapshot(ctx: LoopContext, rows: pd.DataFrame, labels: tuple[str, ...]) -> str:
+    """Rows in, snapshot id out. Flows take ids, not tables: Prefect stores flow parameters in its API
+    (512 KB limit), and an id names exactly what a round trained on."""
     snap = from_rows(rows, labels)
     snap.save(Path(ctx.home) / "snapshots")
     return snap.id

@@ -49,7 +49,7 @@ def _rows(n: int = 32, domain: str = "a", labelled: bool = True) -> pd.DataFrame
 @pytest.mark.slow
 def test_loop_end_to_end_and_idempotent_rerun(tmp_path, monkeypatch, harness, tiny_teacher_dir, triton):
     from flows.loop import distill_flow, monitor_flow
-    from flows.tasks import LoopContext
+    from flows.tasks import LoopContext, save_snapshot
     from kdops.distill import DistillConfig
     from kdops.gate import GateThresholds
     from kdops.predict import Predictor
@@ -66,7 +66,9 @@ def test_loop_end_to_end_and_idempotent_rerun(tmp_path, monkeypatch, harness, ti
     shape = StudentShape(layers=1, embedding_size=8, intermediate_size=32)
     cfg = DistillConfig(epochs=1, batch_size=8)
     loose = GateThresholds(min_retention=0.01, max_slice_drop=1.0)
-    r1 = distill_flow(ctx, _rows(), _rows(16), ("neg", "pos"), cfg, shape, loose, None)
+    labels = ("neg", "pos")
+    train_id, eval_id = save_snapshot(ctx, _rows(), labels), save_snapshot(ctx, _rows(16), labels)
+    r1 = distill_flow(ctx, train_id, eval_id, cfg, shape, loose, None)
     assert r1["decision"]["action"] == "promote" and "promotion" in r1
     reg = Registry(tracking_uri=ctx.tracking_uri)
     assert reg.champion(ctx.model) == r1["version"]
@@ -77,13 +79,13 @@ def test_loop_end_to_end_and_idempotent_rerun(tmp_path, monkeypatch, harness, ti
     # re-run of the same round (as after a crash): no retraining, no new version, no teacher calls
     cache = SoftLabelCache(home / "soft_labels.sqlite")
     n_before = cache.count()
-    again = distill_flow(ctx, _rows(), _rows(16), ("neg", "pos"), cfg, shape, loose, None, deploy=False)
+    again = distill_flow(ctx, save_snapshot(ctx, _rows(), labels), eval_id, cfg, shape, loose, None, deploy=False)
     assert again["version"] == r1["version"] and again["distill"]["reused"]
     assert cache.count() == n_before and len(reg.versions(ctx.model)) == 1
 
     # incremental round on unlabelled new-domain traffic, gated against the champion and hot-swapped
     champion = {"version": r1["version"], "artifact": r1["artifact"], "report": r1["report"]}
-    r2 = distill_flow(ctx, _rows(domain="b", labelled=False), _rows(16), ("neg", "pos"),
+    r2 = distill_flow(ctx, save_snapshot(ctx, _rows(domain="b", labelled=False), labels), eval_id,
                       DistillConfig(epochs=1, batch_size=8, replay_share=0.5), shape, loose, champion)
     assert r2["version"] == r1["version"] + 1 and r2["distill"]["replay_rows"] > 0
     assert reg.champion(ctx.model) == r2["version"]
