@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from kdops.soft_labels import CacheStats
 from tqdm.auto import tqdm
 
 from kdops.lm.teacher import LMTeacher
@@ -31,20 +32,8 @@ def sequence_key(ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-@dataclass
-class LMCacheStats:
-    hits: int = 0
-    misses: int = 0
-    teacher_seconds: float = 0.0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-    def to_dict(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "hit_rate": round(self.hit_rate, 4),
-                "teacher_seconds": round(self.teacher_seconds, 3)}
+# Hit/miss counting is the classifier cache's own; LM lookups count the same way.
+LMCacheStats = CacheStats
 
 
 class LMSoftLabelCache:
