@@ -18,7 +18,8 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.tasks import (LoopContext, distill_round, evaluate_student, gate_task, hot_swap_task, open_review,
-                         promote_in_registry, register, soft_labels)
+                         log_monitor_run, promote_in_registry, register, soft_labels,
+                         with_review_labels)
 from kdops.distill import DistillConfig
 from kdops.gate import GateThresholds
 from kdops.rounds import StudentShape
@@ -44,11 +45,15 @@ def promote_flow(ctx: LoopContext, version: int, artifact: str, reason: str, sum
 def distill_flow(ctx: LoopContext, train_id: str, eval_id: str,
                  cfg: DistillConfig = DistillConfig(), shape: StudentShape = StudentShape(),
                  thresholds: GateThresholds = GateThresholds(), champion: dict | None = None,
-                 deploy: bool = True) -> dict:
+                 deploy: bool = True, use_review: bool = True) -> dict:
     """One round on snapshot ``train_id`` (new rows), evaluated on snapshot ``eval_id`` (see
-    ``flows.tasks.save_snapshot``). ``champion``: {"version", "artifact", "report"} of the serving champion, or None."""
+    ``flows.tasks.save_snapshot``). ``champion``: {"version", "artifact", "report"} of the serving champion, or None.
+    ``use_review``: add the review queue's labelled cases to the training rows (hard labels) and its golden set
+    to the evaluation rows (slice ``golden``)."""
     log = get_run_logger()
     t0 = time.perf_counter()
+    if use_review:  # people's labels: hard labels for training, the frozen golden set as an evaluation slice
+        train_id, eval_id = with_review_labels(ctx, train_id, eval_id)
     stats = soft_labels(ctx, train_id)
     log.info("soft labels for %s: %s", train_id, stats)
     info = distill_round(ctx, train_id, cfg, shape, champion["artifact"] if champion else None,
@@ -65,15 +70,18 @@ def distill_flow(ctx: LoopContext, train_id: str, eval_id: str,
         out["promotion"] = promote_flow(ctx, version, info["artifact"], "; ".join(decision.reasons), summary,
                                         champion["artifact"] if champion else None)
     elif decision.action == "review":
-        out["review_id"] = open_review(ctx, "candidate", {"version": version, "summary": summary}, "; ".join(decision.reasons))
+        out["review_id"] = open_review(ctx, "candidate", {"version": version, "summary": summary, "artifact": info["artifact"],
+                                                          "previous_artifact": champion["artifact"] if champion else None},
+                                       "; ".join(decision.reasons))
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
 @flow(name="monitor_flow")
 def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None = None, window_id: str | None = None,
-                 teacher_sample: bool = True, config=None, trigger=None) -> dict:
-    """Check the traffic logged since ``since`` against the champion's reference profile."""
+                 teacher_sample: bool = True, config=None, trigger=None, log_to_mlflow: bool = True) -> dict:
+    """Check the traffic logged since ``since`` against the champion's reference profile; the Evidently report
+    and the test results go to an MLflow run (experiment ``kdops-monitoring``) unless ``log_to_mlflow`` is off."""
     import dataclasses
 
     from kdops.prediction_log import read_predictions
@@ -94,10 +102,11 @@ def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None 
     config = dataclasses.replace(config or MonitorConfig(), window_size=max(20, len(window)))
     res = monitor_window(reference, window, Path(ctx.home) / "monitoring", config, trigger or TriggerConfig(),
                          teacher=teacher, window_id=window_id)
+    run_id = log_monitor_run(ctx, res.history_row, len(window)) if log_to_mlflow else None
     review_id = None
     if res.action == "review":  # a person decides; the case carries the evidence
         review_id = open_review(ctx, "drift", {"window_id": window_id, "rows": len(window), "fired": list(res.verdict.reasons),
                                                "report": str(res.report_path) if res.report_path else None},
                                 res.verdict.explanation or "drift needs review")
-    return {"rows": len(window), "decision": res.verdict.decision, "action": res.action, "review_id": review_id,
+    return {"rows": len(window), "decision": res.verdict.decision, "action": res.action, "review_id": review_id, "mlflow_run": run_id,
             "report": str(res.report_path) if res.report_path else None, "history": res.history_row}

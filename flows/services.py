@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from kdops.proc import die_with_parent
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -38,7 +40,8 @@ class PrefectServer:
         env.pop("PREFECT_API_URL", None)
         log = open(self.home / "prefect" / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                      "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)  # no orphan server if we are SIGKILLed
         deadline = time.time() + self.timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -156,3 +156,56 @@ def open_review(ctx: LoopContext, kind: str, payload: dict, reason: str) -> int:
     from kdops.review import ReviewQueue
 
     return ReviewQueue(Path(ctx.home) / "review.sqlite").add(kind, payload, reason)
+
+
+@task(name="review-labels", cache_policy=None)
+def with_review_labels(ctx: LoopContext, train_id: str, eval_id: str) -> tuple[str, str]:
+    """Snapshots ``train_id`` + the queue's labelled cases and ``eval_id`` + the golden set (domain ``golden``);
+    the ids are unchanged when there is nothing to add. A case labelled outside the snapshot's label set (the
+    queue accepts any string from the CLI) is left out and logged, never trained on."""
+    from prefect import get_run_logger
+
+    from kdops.review import ReviewQueue
+
+    db = Path(ctx.home) / "review.sqlite"
+    if not db.exists():
+        return train_id, eval_id
+    queue, snaps = ReviewQueue(db), Path(ctx.home) / "snapshots"
+    out = []
+    for sid, extra in ((train_id, queue.labelled_cases()), (eval_id, queue.golden_set())):
+        snap = Snapshot.load(snaps, sid)
+        extra = extra[~extra["text"].isin(set(snap.rows["text"]))]
+        unknown = extra[~extra["label"].isin(snap.labels or ())]
+        if len(unknown):
+            get_run_logger().warning("review cases %s have labels outside %s; left out", unknown["id"].tolist(), snap.labels)
+        extra = extra.drop(unknown.index)
+        if extra.empty:
+            out.append(sid)
+            continue
+        rows = pd.concat([snap.rows, extra[["id", "text", "label"]].assign(domain="golden")], ignore_index=True)
+        out.append(save_snapshot(ctx, rows, snap.labels))
+    return out[0], out[1]
+
+
+@task(name="log-monitor-run", retries=2, retry_delay_seconds=[2, 5], cache_policy=None)
+def log_monitor_run(ctx: LoopContext, history_row: dict, rows: int) -> str:
+    """One MLflow run per checked window (experiment ``kdops-monitoring``): each test's statistic and p-value
+    as metrics, the verdict as tags, and the Evidently HTML report as an artifact. Returns the run id."""
+    import math
+
+    from kdops.registry import Registry
+
+    name = f"monitor-{history_row.get('window_id') or history_row['timestamp']}"
+    tags = {"kdops.verdict": history_row["decision"], "kdops.action": history_row["action"],
+            "kdops.fired": ",".join(history_row.get("reasons", []))[:500]}
+    with Registry(tracking_uri=ctx.tracking_uri).run(name, experiment="kdops-monitoring", tags=tags) as run:
+        metrics = {"rows": float(rows)}
+        for test, r in history_row.get("tests", {}).items():
+            for k in ("statistic", "p_value"):
+                v = r.get(k)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    metrics[f"{test}.{k}"] = float(v)
+        run.log_metrics(metrics)
+        if history_row.get("report") and Path(history_row["report"]).exists():
+            run.log_artifact(history_row["report"], "evidently")
+        return run.run_id

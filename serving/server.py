@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from kdops.proc import die_with_parent
+
 ADMIN_HEADER = "kdops-admin-key"
 
 
@@ -163,9 +165,10 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         out = open(self.workdir / "stdout.log", "ab")
-        # Own session: stop() can signal the server and its stubs together, and nothing else.
+        # Own session: stop() can signal the server and its stubs together, and nothing else. The kernel
+        # sends SIGTERM if this process dies without running stop() (a SIGKILL leaves no orphan server).
         self.proc = subprocess.Popen(cmd, env=server_env(triton_paths()), stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         out.close()
         try:
             self.wait_live()
