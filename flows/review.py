@@ -65,7 +65,7 @@ def _apply_candidate(ctx: LoopContext, case: dict, decision: str, reviewer: str)
 
 @flow(name="review_flow")
 def review_flow(ctx: LoopContext, label_names: list[str], kinds: list[str] | None = None, limit: int = 25,
-                timeout_s: int = 3600) -> dict:
+                timeout_s: int = 3600, poll_s: int = 10) -> dict:
     """Pause for a reviewer's decisions on up to ``limit`` open cases; apply them; report what changed."""
     from kdops.review import ReviewError, ReviewQueue
 
@@ -78,7 +78,7 @@ def review_flow(ctx: LoopContext, label_names: list[str], kinds: list[str] | Non
     log.info("review queue: %d open case(s); waiting for a reviewer in the Prefect UI (Resume)", len(cases))
     form = ReviewForm.with_initial_data(description=_describe(cases, label_names), reviewer="",
                                         decisions=[CaseDecision(case_id=c["id"]) for c in cases])
-    answer = pause_flow_run(wait_for_input=form, timeout=timeout_s)
+    answer = pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=poll_s)
     by_id, applied, errors = {c["id"]: c for c in cases}, [], []
     for d in answer.decisions:
         if d.decision == "skip":

@@ -111,8 +111,10 @@ class Trigger:
 
     @classmethod
     def load(cls, path: str | Path, config: TriggerConfig | None = None) -> "Trigger":
-        """The saved trigger, or a fresh one with ``config`` when no state was saved yet."""
+        """The saved trigger state, under ``config`` when given (configuration changes apply to the saved
+        state) or else the saved configuration; a fresh trigger when no state was saved yet."""
         path = Path(path)
         if not path.exists():
             return cls(config or TriggerConfig())
-        return cls.from_json(path.read_text())
+        saved = cls.from_json(path.read_text())
+        return cls(config, saved.state) if config is not None else saved
