@@ -24,8 +24,21 @@ TEXTS = ["this movie was really good", "a terrible boring plot and an awful acto
          "i love this phone but the battery is bad", "the story was fine"]
 
 
+CLIENT = {"kind": "grpc-async", "grpc_url": ""}
+
+
 def load(url, model, clients, seconds, stop_when=None):
-    """Closed loop: each thread sends one-text requests back to back; returns (latencies s, errors, rps)."""
+    """Closed loop: ``clients`` concurrent one-text requests back to back; returns (latencies s, errors, rps).
+    grpc-async (default): one asyncio gRPC process (serving.loadgen); http-threads: a thread per client."""
+    if CLIENT["kind"] == "grpc-async":
+        from serving.loadgen import LoadProcess
+
+        with LoadProcess(CLIENT["grpc_url"], model, clients, TEXTS) as lp:
+            if stop_when is None:
+                time.sleep(seconds)
+            else:
+                stop_when()
+        return lp.result()
     from serving.client import ServingClient
 
     client, lat, errs, stop = ServingClient(url), [], [], threading.Event()
@@ -100,6 +113,8 @@ def main() -> None:
     ap.add_argument("--student", type=Path, nargs=2, default=None, help="Two real student dirs to swap between.")
     ap.add_argument("--teacher", type=Path, default=None, help="A real HF teacher dir (safetensors).")
     ap.add_argument("--nice-loading", action="store_true", help="Renice loading stubs (SwapConfig.nice_loading).")
+    ap.add_argument("--client", choices=("grpc-async", "http-threads"), default="grpc-async",
+                    help="Load generator: one asyncio gRPC process, or one HTTP client thread per client in this process.")
     args = ap.parse_args()
 
     from serving.client import ServingClient
@@ -116,6 +131,8 @@ def main() -> None:
     rows = []
     with TritonServer(ServerConfig(repository=str(root / "repo"))) as server:
         client = ServingClient.for_server(server)
+        CLIENT.update(kind=args.client, grpc_url=server.grpc_url)
+        res["client"] = args.client
         export_student(students[0], server.repository, "nobatch", 1, ExportConfig(dynamic_batching=False, warmup=False))
         client.load("nobatch")
         cfg = SwapConfig(nice_loading=args.nice_loading)

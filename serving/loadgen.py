@@ -1,0 +1,90 @@
+"""A closed-loop load generator for benchmarks: ``clients`` concurrent one-text requests over gRPC.
+
+It runs in its own process with one asyncio loop (``tritonclient.grpc.aio``), so neither the GIL of the
+process that starts it nor 32 Python threads compete with the server for the two cores the way a
+thread-per-client HTTP load does. Every request's latency and outcome is returned; nothing is dropped.
+
+    from serving.loadgen import LoadProcess
+    with LoadProcess(grpc_url, "student", clients=32) as lp:
+        ...                      # swap, measure, wait
+    lat_s, errors, rps = lp.result()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+
+import numpy as np
+
+
+async def _run(grpc_url: str, model: str, clients: int, texts: list[str], stop, started) -> tuple[list, list, float]:
+    import tritonclient.grpc.aio as grpcaio
+    from tritonclient.grpc import InferInput
+
+    client = grpcaio.InferenceServerClient(grpc_url)
+    lat: list[float] = []
+    errs: list[str] = []
+
+    async def one(i: int) -> None:
+        k = i
+        while not stop.is_set():
+            arr = np.array([[texts[k % len(texts)].encode()]], dtype=object)
+            inp = InferInput("TEXT", [1, 1], "BYTES")
+            inp.set_data_from_numpy(arr)
+            t0 = time.perf_counter()
+            try:
+                await client.infer(model, [inp], client_timeout=60)
+            except Exception as e:  # counted, never hidden
+                errs.append(str(e)[:200])
+            lat.append(time.perf_counter() - t0)
+            k += 1
+
+    t0 = time.perf_counter()
+    started.set()
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return lat, errs, wall
+
+
+def _main(grpc_url, model, clients, texts, stop, started, out) -> None:
+    lat, errs, wall = asyncio.run(_run(grpc_url, model, clients, texts, stop, started))
+    out.put((lat, errs, wall))
+
+
+class LoadProcess:
+    """Start with ``start()`` (or ``with``); ``stop()`` ends the load and ``result()`` returns
+    (latencies in s as an array, error strings, requests/s)."""
+
+    def __init__(self, grpc_url: str, model: str, clients: int = 32, texts: list[str] | None = None):
+        ctx = mp.get_context("spawn")
+        self._stop, self._started, self._out = ctx.Event(), ctx.Event(), ctx.Queue()
+        texts = texts or ["this movie was good", "a terrible boring plot", "what a wonderful day", "i hated it"]
+        self._proc = ctx.Process(target=_main, args=(grpc_url, model, clients, texts, self._stop, self._started, self._out),
+                                 daemon=True)
+        self._res = None
+
+    def start(self) -> "LoadProcess":
+        self._proc.start()
+        if not self._started.wait(60):
+            raise RuntimeError("load process did not start within 60 s")
+        return self
+
+    def stop(self) -> None:
+        if self._res is None:
+            self._stop.set()
+            self._res = self._out.get(timeout=120)
+            self._proc.join(30)
+
+    def result(self) -> tuple[np.ndarray, list[str], float]:
+        self.stop()
+        lat, errs, wall = self._res
+        return np.array(lat), errs, (len(lat) / wall if wall else 0.0)
+
+    def __enter__(self) -> "LoadProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
