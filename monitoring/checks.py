@@ -8,10 +8,12 @@ optionally ``probabilities`` (list per row), ``embedding`` (vector per row). ``r
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,6 +73,47 @@ class ReferenceProfile:
     probabilities: np.ndarray | None  # (n, num_labels)
     embeddings: np.ndarray | None  # (n, dim)
     label_names: tuple[str, ...] | None = None
+
+    # On disk: JSON, Parquet and an .npz read with allow_pickle=False. A profile is data, never code
+    # (nothing in kdops is pickled).
+    def save(self, directory: str | Path) -> Path:
+        """Write the profile to ``directory`` (created): ``reference.parquet`` (texts + descriptors),
+        ``arrays.npz`` (probabilities / embeddings), then ``profile.json`` last, so a directory with a
+        ``profile.json`` always holds a complete profile. Flows pass this directory, not the profile:
+        Prefect stores flow parameters in its API (512 KB limit)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if "text" in self.descriptors.columns:
+            raise ValueError("a descriptor may not be named 'text'.")
+        table = pd.concat([pd.DataFrame({"text": self.texts}), self.descriptors.reset_index(drop=True)], axis=1)
+        table.to_parquet(directory / "reference.parquet", index=False)
+        arrays = {k: np.asarray(v) for k, v in (("probabilities", self.probabilities), ("embeddings", self.embeddings))
+                  if v is not None}
+        np.savez(directory / "arrays.npz", **arrays)
+        meta = {"format": 1, "rows": len(self.texts), "descriptors": list(self.descriptors.columns),
+                "label_names": list(self.label_names) if self.label_names is not None else None,
+                "doc_freq": dict(self.doc_freq)}
+        tmp = directory / "profile.json.tmp"
+        tmp.write_text(json.dumps(meta, ensure_ascii=False))
+        tmp.replace(directory / "profile.json")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ReferenceProfile":
+        """Read a profile written by ``save``; raises FileNotFoundError when ``directory`` holds none."""
+        directory = Path(directory)
+        meta = json.loads((directory / "profile.json").read_text())
+        if meta.get("format") != 1:
+            raise ValueError(f"{directory}: unknown reference profile format {meta.get('format')!r}.")
+        table = pd.read_parquet(directory / "reference.parquet")
+        if len(table) != meta["rows"]:
+            raise ValueError(f"{directory}: {len(table)} reference rows, profile.json says {meta['rows']}.")
+        with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        return cls(texts=table["text"].tolist(), descriptors=table[meta["descriptors"]].astype(float),
+                   doc_freq=Counter(meta["doc_freq"]), probabilities=arrays.get("probabilities"),
+                   embeddings=arrays.get("embeddings"),
+                   label_names=tuple(meta["label_names"]) if meta["label_names"] is not None else None)
 
 
 def profile_reference(texts: Sequence[str], config: MonitorConfig, probabilities=None, embeddings=None,

@@ -1,0 +1,214 @@
+"""``kdops up`` as a real process (embedded Prefect API, SQLite MLflow, tritonserver), ``monitor_tick``'s
+no-champion path, and the on-disk round trip of a ``ReferenceProfile``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEPLOYMENTS = {"kdops-monitor", "kdops-distill", "kdops-promote", "kdops-review"}
+
+
+def test_reference_profile_round_trip(tmp_path):
+    from monitoring import MonitorConfig, ReferenceProfile, profile_reference
+
+    texts = [f"good movie number {i}" for i in range(30)] + [f"awful boring film, take {i}!" for i in range(30)]
+    rng = np.random.default_rng(0)
+    ref = profile_reference(texts, MonitorConfig(max_reference=50), probabilities=rng.dirichlet([1, 1], 60),
+                            embeddings=rng.normal(size=(60, 8)), label_names=("neg", "pos"))
+    ref.save(tmp_path / "ref")
+    assert not list((tmp_path / "ref").glob("*.pkl"))
+    back = ReferenceProfile.load(tmp_path / "ref")
+    assert back.texts == ref.texts and back.label_names == ("neg", "pos") and back.doc_freq == ref.doc_freq
+    assert back.descriptors.columns.tolist() == ref.descriptors.columns.tolist()
+    np.testing.assert_array_equal(back.descriptors.to_numpy(), ref.descriptors.to_numpy())
+    np.testing.assert_array_equal(back.probabilities, ref.probabilities)
+    np.testing.assert_array_equal(back.embeddings, ref.embeddings)
+    assert back.embeddings.dtype == np.float32
+
+    bare = profile_reference(texts, MonitorConfig(max_reference=40))  # no predictions, no embeddings, no labels
+    bare.save(tmp_path / "bare")
+    back = ReferenceProfile.load(tmp_path / "bare")
+    assert back.probabilities is None and back.embeddings is None and back.label_names is None
+    with pytest.raises(FileNotFoundError):
+        ReferenceProfile.load(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _ctx(tmp_path, home):
+    from flows.tasks import LoopContext
+
+    return LoopContext(home=str(home), teacher_dir="", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                       prediction_log=str(tmp_path / "predictions"))
+
+
+@pytest.mark.server
+def test_monitor_tick_without_champion(tmp_path, kdops_home, harness):
+    from flows.up import monitor_tick
+
+    out = monitor_tick(_ctx(tmp_path, kdops_home), window_s=60, min_rows=1)
+    assert out == {"action": "no-champion"}
+    assert not (kdops_home / "loop" / "state.json").exists()  # nothing checked, nothing to remember
+
+
+@pytest.mark.server
+def test_monitor_tick_checks_the_champion(tmp_path, kdops_home, harness, tiny_student_dir):
+    """A registered champion: its reference is built once from its lineage's train snapshot and cached on disk;
+    a tick waits for ``min_rows`` predictions, then runs monitor_flow on the rows since the last check."""
+    import pandas as pd
+
+    from flows.tasks import save_snapshot
+    from flows.up import monitor_tick, read_state, reference_dir
+    from kdops.prediction_log import PredictionLogWriter
+    from kdops.registry import Registry
+    from monitoring import ReferenceProfile
+
+    ctx = _ctx(tmp_path, kdops_home)
+    texts = [f"{a} {b}" for a in ("good", "great", "bad", "awful", "boring", "fun") for b in ("movie", "film", "story", "book", "plot")]
+    train_id = save_snapshot(ctx, pd.DataFrame({"text": texts, "label": None, "domain": "a"}), ("neg", "pos"))
+    reg = Registry(tracking_uri=ctx.tracking_uri)
+    with reg.run("tiny") as run:
+        version = reg.register(tiny_student_dir, run.run_id, name=ctx.model, lineage={"snapshot_ids": {"train": train_id}})
+    reg.promote(ctx.model, version, "test", {})
+
+    out = monitor_tick(ctx, window_s=600, min_rows=40)
+    assert out["action"] == "waiting" and out["rows"] == 0 and out["champion"] == version
+    ref = ReferenceProfile.load(reference_dir(ctx, version))
+    assert sorted(ref.texts) == sorted(texts) and ref.embeddings is not None and ref.label_names == ("neg", "pos")
+    assert read_state(ctx)["champion"] == version
+
+    rng = np.random.default_rng(0)
+    with PredictionLogWriter(ctx.prediction_log, "test") as w:
+        served = [texts[i] for i in rng.integers(len(texts), size=60)]
+        p = rng.dirichlet([2, 2], len(served))
+        w.write_batch(served, p, ["pos" if x[1] > 0.5 else "neg" for x in p], ctx.model, "1-test")
+    out = monitor_tick(ctx, window_s=600, min_rows=40)
+    assert out["rows"] == 60 and out["action"] in ("ok", "retrain", "review") and out["champion"] == version
+    checked = read_state(ctx)["last_checked"]
+    assert checked > time.time() - 120
+    out = monitor_tick(ctx, window_s=600, min_rows=40)  # nothing new since the last check
+    assert out["action"] == "waiting" and out["rows"] == 0 and read_state(ctx)["last_checked"] == checked
+
+
+async def _api_view(url: str) -> tuple[dict, list]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowRunFilter,
+                                                FlowRunFilterDeploymentId, FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import DeploymentSort, FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        async with get_client() as client:
+            deps = await client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(DEPLOYMENTS))),
+                                                 sort=DeploymentSort.NAME_ASC, limit=20)
+            by_name = {d.name: d for d in deps}
+            runs = []
+            if "kdops-monitor" in by_name:
+                # Past runs only: the scheduler keeps up to 100 future ones in SCHEDULED.
+                runs = await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[by_name["kdops-monitor"].id]),
+                                                  state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))),
+                    sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+            return by_name, runs
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_kdops_up_serves_deployments_and_stops_on_sigterm(tmp_path):
+    """Empty registry: nothing deployed on Triton, and each monitor tick completes with "no champion"."""
+    from importlib.metadata import version
+
+    sa = tuple(int(x) for x in version("sqlalchemy").split(".")[:2])
+    if sa >= (2, 1):  # prefect 3.8's scheduler fails to insert runs with it: no schedule would ever fire
+        pytest.fail(f"SQLAlchemy {version('sqlalchemy')}: Prefect 3.8's scheduler cannot insert scheduled runs "
+                    "(InvalidRequestError: Can't evaluate bulk DML statement); pin sqlalchemy<2.1")
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "KDOPS_TRITON_URL")}
+    env.update(KDOPS_HOME=str(home), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    log = open(tmp_path / "up.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--interval", "5", "--for-seconds", "170"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    servers: list[int] = []
+    try:
+        url, deadline = None, time.time() + 120
+        while url is None and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            m = re.search(r"Prefect API: (\S+)", (tmp_path / "up.log").read_text(errors="replace"))
+            url = m.group(1) if m else None
+            time.sleep(0.5)
+        assert url, (tmp_path / "up.log").read_text()[-3000:]
+        text = (tmp_path / "up.log").read_text(errors="replace")
+        assert "MLflow store: sqlite:///" in text and "Triton: http://127.0.0.1:" in text and "no champion yet" in text
+        servers = [p for p in _children(proc.pid) if "tritonserver" in _cmdline(p) or "prefect server" in _cmdline(p)
+                   or ("prefect" in _cmdline(p) and "server" in _cmdline(p))]
+        assert len(servers) >= 2, [(p, _cmdline(p)) for p in _children(proc.pid)]
+
+        done, deps, runs = False, {}, []
+        deadline = time.time() + 100
+        while not done and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            deps, runs = asyncio.run(_api_view(url))
+            done = set(deps) == DEPLOYMENTS and any(r.state_type.value == "COMPLETED" for r in runs)
+            time.sleep(2)
+        assert set(deps) == DEPLOYMENTS, sorted(deps)
+        monitor = deps["kdops-monitor"]
+        assert monitor.entrypoint == "flows.up.monitor_tick"
+        assert [s.schedule.interval.total_seconds() for s in monitor.schedules if s.active] == [5.0]
+        assert any(r.state_type.value == "COMPLETED" for r in runs), [(r.name, r.state_name) for r in runs]
+        assert monitor.parameters["ctx"]["home"] == str(home) and monitor.parameters["ctx"]["triton_url"]
+        assert "pickle" not in str(monitor.parameters)
+
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=45)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = (tmp_path / "up.log").read_text(errors="replace")
+    assert rc == 0, out[-3000:]
+    assert "kdops up: stopped" in out
+    deadline = time.time() + 10
+    while any(_alive(p) for p in servers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in servers if _alive(p)], "servers outlived kdops up"
