@@ -30,7 +30,7 @@ class LoopContext:
     tracking_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (None: embedded SQLite)."})
     triton_url: str = field(default="", metadata={"help": "Triton HTTP host:port."})
     triton_grpc_url: str = field(default="", metadata={"help": "Triton gRPC host:port: model control goes over gRPC (an HTTP load blocks pinned HTTP connections)."})
-    triton_key: str = field(default="", metadata={"help": "Admin key for Triton's model-control API."})
+    triton_key: str = field(default="", metadata={"help": "Admin key for Triton's model-control API (empty: $KDOPS_TRITON_ADMIN_KEY, so served deployments need not show it in their parameters)."})
     repository: str = field(default="", metadata={"help": "Triton model repository as seen from here."})
     model: str = field(default=MODEL, metadata={"help": "Registered and served model name."})
     prediction_log: str = field(default="", metadata={"help": "Prediction-log directory written by the server."})
@@ -139,7 +139,10 @@ def hot_swap_task(ctx: LoopContext, artifact: str) -> dict:
     from serving.export import ExportConfig
     from serving.swap import SwapConfig, hot_swap
 
-    client = ServingClient(ctx.triton_url, admin_key=ctx.triton_key, grpc_url=ctx.triton_grpc_url)
+    import os
+
+    key = ctx.triton_key or os.environ.get("KDOPS_TRITON_ADMIN_KEY", "")
+    client = ServingClient(ctx.triton_url, admin_key=key, grpc_url=ctx.triton_grpc_url)
     cfg = SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1))
     return hot_swap(client, ctx.model, artifact, repo=ctx.repository, cfg=cfg).to_dict()
 

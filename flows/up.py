@@ -383,8 +383,11 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             triton = stack.enter_context(TritonServer(ServerConfig(
                 repository=str(repo), url=cfg.triton_url, grpc_url=cfg.triton_grpc_url, admin_key=cfg.triton_key,
                 log_file=str(home / "triton" / "tritonserver.log") if not cfg.triton_url else "")))
+            # The admin key reaches the served runs (child processes) through the environment, not through
+            # deployment parameters, which the Prefect API and UI show to anyone who can read them.
+            os.environ["KDOPS_TRITON_ADMIN_KEY"] = triton.admin_key
             ctx = LoopContext(home=str(home), teacher_dir=cfg.teacher_dir, tracking_uri=tracking_uri, triton_url=triton.url,
-                              triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key, repository=str(repo),
+                              triton_grpc_url=triton.grpc_url, triton_key="", repository=str(repo),
                               model=cfg.model, prediction_log=str(plog))
             version = Registry(tracking_uri=tracking_uri).champion(cfg.model)
             label_names = _deploy_champion(ctx, triton, version, echo) if version is not None else None
