@@ -38,6 +38,7 @@ def load(url, model, clients, seconds, stop_when=None):
                 time.sleep(seconds)
             else:
                 stop_when()
+        CLIENT["timeline"] = lp.timeline()
         return lp.result()
     from serving.client import ServingClient
 
@@ -71,6 +72,24 @@ def load(url, model, clients, seconds, stop_when=None):
 
 def pct(lat, q):
     return round(float(np.percentile(lat, q) * 1000), 2) if len(lat) else None
+
+
+def phase_maxima(timeline, phases) -> dict:
+    """Worst latency (ms) of requests that were in flight during each phase of the swaps (export, load,
+    smoke, switch, drain + unload): where a swap hurts clients, if it does."""
+    starts, lat = timeline
+    ends = starts + lat
+    worst: dict[str, float] = {}
+    for m0, t in phases:
+        a_switch = m0 + t["export"] + t["load"] + t.get("smoke", 0.0)
+        spans = {"export": (m0, m0 + t["export"]), "load": (m0 + t["export"], m0 + t["export"] + t["load"]),
+                 "smoke": (m0 + t["export"] + t["load"], a_switch), "switch": (a_switch, a_switch + t["switch"]),
+                 "drain+unload": (a_switch + t["switch"], m0 + t["total"])}
+        for name, (a, b) in spans.items():
+            m = (starts <= b) & (ends >= a)
+            if m.any():
+                worst[name] = max(worst.get(name, 0.0), float(lat[m].max() * 1000))
+    return {k: round(v, 1) for k, v in worst.items()}
 
 
 def rss_kb(pids):
@@ -113,6 +132,8 @@ def main() -> None:
     ap.add_argument("--student", type=Path, nargs=2, default=None, help="Two real student dirs to swap between.")
     ap.add_argument("--teacher", type=Path, default=None, help="A real HF teacher dir (safetensors).")
     ap.add_argument("--nice-loading", action="store_true", help="Renice loading stubs (SwapConfig.nice_loading).")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads per model instance (0: torch default, all cores).")
     ap.add_argument("--client", choices=("grpc-async", "http-threads"), default="grpc-async",
                     help="Load generator: one asyncio gRPC process, or one HTTP client thread per client in this process.")
     args = ap.parse_args()
@@ -133,9 +154,10 @@ def main() -> None:
         client = ServingClient.for_server(server)
         CLIENT.update(kind=args.client, grpc_url=server.grpc_url)
         res["client"] = args.client
-        export_student(students[0], server.repository, "nobatch", 1, ExportConfig(dynamic_batching=False, warmup=False))
+        export_student(students[0], server.repository, "nobatch", 1, ExportConfig(dynamic_batching=False, warmup=False,
+                                                                                         torch_threads=args.torch_threads))
         client.load("nobatch")
-        cfg = SwapConfig(nice_loading=args.nice_loading)
+        cfg = SwapConfig(nice_loading=args.nice_loading, export=ExportConfig(torch_threads=args.torch_threads))
         deploy(server, "student", students[0], cfg=cfg)
         deploy_teacher(server, teacher, "teacher")
         for name, model in (("no batching", "nobatch"), ("dynamic batching", "student"), ("teacher (batching)", "teacher")):
@@ -156,13 +178,14 @@ def main() -> None:
         hot_swap(server, "student", students[0], cfg=cfg)
         time.sleep(3)
         rss0 = rss_kb(server.pids())
-        swap_s = []
+        swap_s, phases = [], []
 
         def swaps():
             for i in range(args.swaps):
-                t0 = time.perf_counter()
-                hot_swap(server, "student", students[(i + 1) % 2], cfg=cfg)
+                t0, m0 = time.perf_counter(), time.monotonic()
+                r = hot_swap(server, "student", students[(i + 1) % 2], cfg=cfg)
                 swap_s.append(time.perf_counter() - t0)
+                phases.append((m0, r.timings_s))
 
         lat, errs, rps = load(server.url, "student", args.clients, 0, stop_when=swaps)
         time.sleep(3)
@@ -172,6 +195,8 @@ def main() -> None:
                    swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1),
                    rss_kb_before=rss0, rss_kb_after=rss1, rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
         res["swap_max_over_steady_p99"] = round(res["swap_max_latency_ms"] / res["steady_p99_ms"], 2)
+        if CLIENT.get("timeline") is not None:
+            res["swap_phase_max_latency_ms"] = phase_maxima(CLIENT["timeline"], phases)
     print(f"{'load':<22}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:
         print(f"{r[0]:<22}{r[1]:>9.1f}{r[2]:>9}{r[3]:>9}{r[4]:>9}{r[5]:>8}")

@@ -25,6 +25,7 @@ async def _run(grpc_url: str, model: str, clients: int, texts: list[str], stop, 
 
     client = grpcaio.InferenceServerClient(grpc_url)
     lat: list[float] = []
+    starts: list[float] = []  # time.monotonic() of each request: comparable across processes on one host
     errs: list[str] = []
 
     async def one(i: int) -> None:
@@ -34,6 +35,7 @@ async def _run(grpc_url: str, model: str, clients: int, texts: list[str], stop, 
             inp = InferInput("TEXT", [1, 1], "BYTES")
             inp.set_data_from_numpy(arr)
             t0 = time.perf_counter()
+            starts.append(time.monotonic())
             try:
                 await client.infer(model, [inp], client_timeout=60)
             except Exception as e:  # counted, never hidden
@@ -46,12 +48,11 @@ async def _run(grpc_url: str, model: str, clients: int, texts: list[str], stop, 
     await asyncio.gather(*(one(i) for i in range(clients)))
     wall = time.perf_counter() - t0
     await client.close()
-    return lat, errs, wall
+    return lat[:len(starts)], errs, wall, starts[:len(lat)]
 
 
 def _main(grpc_url, model, clients, texts, stop, started, out) -> None:
-    lat, errs, wall = asyncio.run(_run(grpc_url, model, clients, texts, stop, started))
-    out.put((lat, errs, wall))
+    out.put(asyncio.run(_run(grpc_url, model, clients, texts, stop, started)))
 
 
 class LoadProcess:
@@ -80,8 +81,14 @@ class LoadProcess:
 
     def result(self) -> tuple[np.ndarray, list[str], float]:
         self.stop()
-        lat, errs, wall = self._res
+        lat, errs, wall, _ = self._res
         return np.array(lat), errs, (len(lat) / wall if wall else 0.0)
+
+    def timeline(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start times in ``time.monotonic()`` seconds, latencies in s) of every request."""
+        self.stop()
+        lat, _, _, starts = self._res
+        return np.array(starts), np.array(lat)
 
     def __enter__(self) -> "LoadProcess":
         return self.start()

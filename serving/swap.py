@@ -23,6 +23,7 @@ import os
 import shutil
 import threading
 import time
+import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ import numpy as np
 
 from serving.client import ServingClient, ServingError
 from serving.export import ExportConfig, export_student, student_version_label, write_ensemble
+
+log = logging.getLogger(__name__)
 
 SMOKE_TEXTS = ("this movie was good", "a terrible boring plot", "what city is this?", "i really love this phone")
 
@@ -45,7 +48,7 @@ class SwapConfig:
     smoke_texts: tuple[str, ...] = field(default=SMOKE_TEXTS, metadata={"help": "Texts the new slot must answer before traffic moves."})
     verify_local: bool = field(default=True, metadata={"help": "Also compare the slot's probabilities with kdops.predict on the same artifact."})
     atol: float = field(default=1e-4, metadata={"help": "Largest allowed |served - local| probability difference."})
-    nice_loading: bool = field(default=False, metadata={"help": "Embedded server: run the loading stub at nice 19 until ready (serving keeps the CPU; loads take longer on a busy box)."})
+    nice_loading: bool = field(default=False, metadata={"help": "Run the swap at nice 19: the calling thread, and (embedded server) the loading stub until ready. Serving keeps the CPU; swaps take longer on a busy box."})
     drain_s: float = field(default=0.5, metadata={"help": "Seconds between switching and unloading the old slot (in-flight requests finish)."})
     keep_archive: int = field(default=5, metadata={"help": "Previous artifacts kept beside the repository for rollback."})
 
@@ -185,8 +188,43 @@ def _safe_unload(client: ServingClient, name: str) -> None:
         pass
 
 
+@contextmanager
+def _niced_thread(nice: int = 19):
+    """Run the calling thread (only it: Linux priorities are per thread) at ``nice`` and put it back after.
+
+    Why: the swap's own work (export, hashing, the local reference prediction of the smoke check) ran on
+    the cores the serving stub needs; measured on 2 cores it alone put requests at 2.5x the steady p99.
+    Raising the priority back needs CAP_SYS_NICE; without it the thread stays niced (harmless for a
+    thread that only swaps) and a debug line says so.
+    """
+    if not hasattr(os, "setpriority"):
+        yield
+        return
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    os.setpriority(os.PRIO_PROCESS, tid, max(before, nice))
+    try:
+        yield
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except PermissionError:
+            log.debug("swap thread stays at nice %d (no permission to raise it back)", nice)
+
+
 def hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | None = None,
              cfg: SwapConfig = SwapConfig(), note: str = "swap") -> SwapResult:
+    """Serve ``artifact_dir`` under ``model`` without stopping traffic; raise SwapError and keep the old one on failure.
+
+    ``target`` is a ``TritonServer`` (embedded) or a ``ServingClient`` with the admin key (then pass ``repo``,
+    the server's model repository as seen from here).
+    """
+    with (_niced_thread() if cfg.nice_loading else nullcontext()):
+        return _hot_swap(target, model, artifact_dir, repo, cfg, note)
+
+
+def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | None,
+              cfg: SwapConfig, note: str) -> SwapResult:
     """Serve ``artifact_dir`` under ``model`` without stopping traffic; raise SwapError and keep the old one on failure.
 
     ``target`` is a ``TritonServer`` (embedded) or a ``ServingClient`` with the admin key (then pass ``repo``,
