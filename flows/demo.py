@@ -180,6 +180,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
         load = LoadGenerator(triton.url, ctx.model, threads=8, rate_limit_s=0.2)
         load.set_pool(movie["text"].tolist())
         load.start()
+        swap_times: list[float] = []  # seconds since the load started at which a hot swap completed
         time.sleep(3)
         stream = {d: corpora.load("sentiment", split="train", domains=(d,)).rows for d in DOMAINS}
         for d in DOMAINS:
@@ -212,6 +213,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                                 "student_acc_after": _accuracy_per_domain(r["artifact"], tests), "retention": r["report"]["retention"],
                                 "swap_failed": failed, "swap_requests": total, "detect_to_serve_s": time.time() - t_detect})
                     if "promotion" in r:
+                        swap_times.append(time.time() - load.t0)
                         champion = {"version": r["version"], "artifact": r["artifact"], "report": r["report"]}
                         reference_texts = reference_texts + new["text"].tolist()
                         ref, mon_cfg = _reference(champion["artifact"], reference_texts[-2000:], teacher, cache)
@@ -233,7 +235,7 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
                              "Prefect API/UI": prefect.url.removesuffix("/api") + " (while running)",
                              "Triton": f"http://{triton.url}/v2/models/{ctx.model}",
                              "drift reports": str(root / "monitoring" / "reports"), "run dir": str(run_dir)}}
-        render(summary, report, latency_samples=load.samples, swap_times=[], drift_history=drift_hist)
+        render(summary, report, latency_samples=load.samples, swap_times=swap_times, drift_history=drift_hist)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(summary, indent=2, default=str))
     _print_table(summary, report, json_out)
