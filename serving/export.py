@@ -34,7 +34,7 @@ class ExportConfig:
     instance_kind: str = field(default="KIND_CPU", metadata={"help": "KIND_CPU or KIND_GPU."})
     instance_count: int = field(default=1, metadata={"help": "Model instances (stub processes) per model."})
     gpus: tuple[int, ...] = field(default=(), metadata={"help": "GPU ids for KIND_GPU (empty: all)."})
-    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads per instance (0: torch default)."})
+    torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads per instance (0: torch default, all cores). One thread per instance, scaled by instance_count: on 2 cores the default 2 threads stalled on any other load (bench/README.md)."})
     max_chars: int = field(default=20_000, metadata={"help": "Longer texts get an error response, not a prediction."})
     warmup: bool = field(default=True, metadata={"help": "Send warm-up requests before the model is marked ready."})
     prediction_log_dir: str = field(default="", metadata={"help": "Directory for the prediction log (empty: off)."})
