@@ -106,6 +106,44 @@ def test_monitor_tick_checks_the_champion(tmp_path, kdops_home, harness, tiny_st
     assert out["action"] == "waiting" and out["rows"] == 0 and read_state(ctx)["last_checked"] == checked
 
 
+@pytest.mark.server
+def test_monitor_tick_retrain_starts_a_distill_round(tmp_path, kdops_home, harness, tiny_tokenizer, tiny_teacher,
+                                                     tiny_student_dir):
+    """The retrain branch without a served kdops-distill deployment: the served texts become an unlabelled
+    snapshot, the champion is re-evaluated on its eval snapshot, and distill_flow runs here from the champion
+    (teacher soft labels, incremental round, gate) and registers the candidate with the champion as parent."""
+    import dataclasses
+
+    import pandas as pd
+
+    from flows.tasks import save_snapshot
+    from flows.up import start_distill
+    from kdops.data import Snapshot
+    from kdops.registry import Registry
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_teacher.config.id2label, tiny_teacher.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    tiny_teacher.save_pretrained(str(teacher_dir))
+    tiny_tokenizer.save_pretrained(str(teacher_dir))
+    ctx = dataclasses.replace(_ctx(tmp_path, kdops_home), teacher_dir=str(teacher_dir))
+    reg = Registry(tracking_uri=ctx.tracking_uri)
+    with reg.run("tiny") as run:
+        v1 = reg.register(tiny_student_dir, run.run_id, name=ctx.model)
+    reg.promote(ctx.model, v1, "test", {})
+    labels = ("neg", "pos")
+    eval_id = save_snapshot(ctx, pd.DataFrame({"text": ["good movie", "awful film", "great story", "boring plot"],
+                                               "label": ["pos", "neg", "pos", "neg"], "domain": "a"}), labels)
+    served = [f"{a} {b}" for a in ("good", "bad", "fun", "sad") for b in ("phone", "case", "battery")] * 3
+
+    out = start_distill(ctx, served, v1, str(tiny_student_dir), list(labels), eval_id, {})
+    assert out["started"] and out["flow_run"] is None and out["eval_id"] == eval_id
+    snap = Snapshot.load(kdops_home / "snapshots", out["train_id"])
+    assert sorted(snap.texts) == sorted(set(served)) and snap.rows["label"].isna().all()  # teacher labels only
+    assert out["version"] != v1 and out["decision"] in ("promote", "review", "reject")
+    assert reg.champion(ctx.model) == v1  # no Triton in ctx: nothing was swapped or promoted
+    assert str(reg.lineage(ctx.model, out["version"]).get("parent_version")) == str(v1)
+
+
 async def _api_view(url: str) -> tuple[dict, list]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowRunFilter,
