@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kdops.paths import atomic_dir
 from kdops.student import StudentConfig, StudentModel
 
 WEIGHTS, CONFIG, META = "model.safetensors", "student_config.json", "kdops.json"
@@ -58,18 +58,13 @@ def file_sha256(path: Path) -> str:
 def save_student(directory: str | Path, model: StudentModel, tokenizer, meta: StudentMeta) -> Path:
     """Write a student atomically: into a temporary sibling, then renamed into place."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / CONFIG).write_text(model.config.to_json())
-    meta.weights_sha256 = file_sha256(tmp / WEIGHTS)
-    (tmp / META).write_text(json.dumps(meta.to_dict(), indent=2, default=str))
-    tokenizer.save_pretrained(str(tmp))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with atomic_dir(directory) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(model.config.to_json())
+        meta.weights_sha256 = file_sha256(tmp / WEIGHTS)
+        (tmp / META).write_text(json.dumps(meta.to_dict(), indent=2, default=str))
+        tokenizer.save_pretrained(str(tmp))
     return directory
 
 

@@ -12,6 +12,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -37,6 +38,32 @@ class CacheStats:
     def to_dict(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": round(self.hit_rate, 4),
                 "teacher_seconds": round(self.teacher_seconds, 3)}
+
+
+def fill_missing(keys: Sequence[str], inputs: Sequence, found: dict, stats: CacheStats,
+                 compute: Callable[[list[tuple[str, Any]]], Sequence], chunk: int, desc: str, unit: str,
+                 progress: bool = False) -> dict:
+    """Complete ``found`` (key -> cached value) for every key: the unique missing (key, input) pairs go to
+    ``compute`` in chunks of ``chunk``; ``compute(part)`` runs the teacher, stores the part (committed per chunk:
+    a killed run keeps what it paid for) and returns one value per pair. Hits, misses and teacher seconds go to
+    ``stats``. Every teacher-output cache in kdops (logits, LM top-k, LM generations) fills through here."""
+    todo: dict[str, Any] = {}
+    for key, x in zip(keys, inputs):
+        if key not in found:
+            todo.setdefault(key, x)
+    stats.hits += sum(1 for key in keys if key in found)
+    stats.misses += len(todo)
+    if todo:
+        t0 = time.perf_counter()
+        items = list(todo.items())
+        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress)
+        for s in range(0, len(items), chunk):
+            part = items[s:s + chunk]
+            found.update((key, v) for (key, _), v in zip(part, compute(part)))
+            bar.update(len(part))
+        bar.close()
+        stats.teacher_seconds += time.perf_counter() - t0
+    return found
 
 
 class SoftLabelCache:
@@ -80,22 +107,16 @@ class SoftLabelCache:
 
     def get_or_compute(self, teacher: Teacher, texts: list[str], chunk: int = 256, progress: bool = False) -> np.ndarray:
         """Logits for every text; the teacher runs only on texts this cache has not seen for it."""
-        found = self.lookup(teacher.id, texts)
-        todo = list(dict.fromkeys(t for t in texts if text_key(t) not in found))
-        self.stats.hits += len(texts) - sum(1 for t in texts if text_key(t) not in found)
-        self.stats.misses += len(todo)
-        if todo:
-            t0 = time.perf_counter()
-            bar = tqdm(total=len(todo), desc="teacher soft labels", unit="text", disable=not progress)
-            for s in range(0, len(todo), chunk):
-                part = todo[s:s + chunk]
-                out = np.asarray(teacher.logits(part), np.float32)
-                self.store(teacher.id, part, out)  # committed per chunk: a killed run keeps what it paid for
-                found.update((text_key(t), v) for t, v in zip(part, out))
-                bar.update(len(part))
-            bar.close()
-            self.stats.teacher_seconds += time.perf_counter() - t0
-        return np.stack([found[text_key(t)] for t in texts]) if texts else np.zeros((0, len(teacher.label_names)), np.float32)
+        def compute(part: list[tuple[str, str]]) -> np.ndarray:
+            batch = [t for _, t in part]
+            out = np.asarray(teacher.logits(batch), np.float32)
+            self.store(teacher.id, batch, out)
+            return out
+
+        keys = [text_key(t) for t in texts]
+        found = fill_missing(keys, texts, self.lookup(teacher.id, texts), self.stats, compute, chunk,
+                             "teacher soft labels", "text", progress)
+        return np.stack([found[k] for k in keys]) if texts else np.zeros((0, len(teacher.label_names)), np.float32)
 
     def count(self, teacher_id: str | None = None) -> int:
         with self._connect() as db:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdops.artifacts import file_sha256
+from kdops.paths import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,10 @@ def bootstrap_teacher(out_dir: Path, train_texts: list[str], train_labels: list[
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    (tmp / "kdops_teacher.json").write_text(json.dumps({"key": key, "base": str(base), "seconds": time.time() - t0}))
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "kdops_teacher.json").write_text(json.dumps({"key": key, "base": str(base), "seconds": time.time() - t0}))
     log.info("teacher fine-tuned in %.0f s: %s", time.time() - t0, out_dir)
     return out_dir
 

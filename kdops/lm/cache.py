@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from kdops.soft_labels import CacheStats
-from tqdm.auto import tqdm
+from kdops.soft_labels import CacheStats, fill_missing
 
 from kdops.lm.teacher import LMTeacher
 
@@ -72,28 +70,18 @@ class LMSoftLabelCache:
                             chunk: int = 64, progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence ``(ids (L-1, k) int32, logprobs (L-1, k) float32)``, in the order given."""
         keys = [sequence_key(s) for s in sequences]
-        found = self._lookup_topk(teacher.id, list(dict.fromkeys(keys)), k)
-        todo: dict[str, Sequence[int]] = {}
-        for key, seq in zip(keys, sequences):
-            if key not in found:
-                todo.setdefault(key, seq)
-        self.stats.hits += sum(1 for key in keys if key in found)
-        self.stats.misses += len(todo)
-        if todo:
-            t0 = time.perf_counter()
-            items = list(todo.items())
-            bar = tqdm(total=len(items), desc="teacher top-k", unit="seq", disable=not progress)
-            for s in range(0, len(items), chunk):
-                part = items[s:s + chunk]
-                out = teacher.topk([list(seq) for _, seq in part], k)
-                rows = [(teacher.id, key, k, int(ids.shape[0]), np.ascontiguousarray(ids, np.int32).tobytes(),
-                         np.ascontiguousarray(lps, np.float32).tobytes()) for (key, _), (ids, lps) in zip(part, out)]
-                with self._connect() as db:  # committed per chunk: a killed run keeps what it paid for
-                    db.executemany("INSERT OR REPLACE INTO topk VALUES (?, ?, ?, ?, ?, ?)", rows)
-                found.update((key, (ids.astype(np.int32), lps.astype(np.float32))) for (key, _), (ids, lps) in zip(part, out))
-                bar.update(len(part))
-            bar.close()
-            self.stats.teacher_seconds += time.perf_counter() - t0
+
+        def compute(part: list[tuple[str, Sequence[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+            out = [(np.asarray(ids, np.int32), np.asarray(lps, np.float32))
+                   for ids, lps in teacher.topk([list(seq) for _, seq in part], k)]
+            with self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO topk VALUES (?, ?, ?, ?, ?, ?)",
+                               [(teacher.id, key, k, int(ids.shape[0]), np.ascontiguousarray(ids).tobytes(),
+                                 np.ascontiguousarray(lps).tobytes()) for (key, _), (ids, lps) in zip(part, out)])
+            return out
+
+        found = fill_missing(keys, sequences, self._lookup_topk(teacher.id, list(dict.fromkeys(keys)), k), self.stats,
+                             compute, chunk, "teacher top-k", "seq", progress)
         return [found[key] for key in keys]
 
     # -- generations ---------------------------------------------------------------------------
@@ -111,27 +99,16 @@ class LMSoftLabelCache:
                      f"AND key IN ({','.join('?' * len(part))})")
                 for key, ids in db.execute(q, [teacher.id, max_new_tokens, *part]):
                     found[key] = np.frombuffer(ids, np.int32).tolist()
-        todo: dict[str, Sequence[int]] = {}
-        for key, p in zip(keys, prompts):
-            if key not in found:
-                todo.setdefault(key, p)
-        self.gen_stats.hits += sum(1 for key in keys if key in found)
-        self.gen_stats.misses += len(todo)
-        if todo:
-            t0 = time.perf_counter()
-            items = list(todo.items())
-            bar = tqdm(total=len(items), desc="teacher generations", unit="seq", disable=not progress)
-            for s in range(0, len(items), chunk):
-                part = items[s:s + chunk]
-                gens = teacher.generate([list(p) for _, p in part], max_new_tokens)
-                with self._connect() as db:
-                    db.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?)",
-                                   [(teacher.id, key, max_new_tokens, np.asarray(g, np.int32).tobytes())
-                                    for (key, _), g in zip(part, gens)])
-                found.update((key, list(g)) for (key, _), g in zip(part, gens))
-                bar.update(len(part))
-            bar.close()
-            self.gen_stats.teacher_seconds += time.perf_counter() - t0
+
+        def compute(part: list[tuple[str, Sequence[int]]]) -> list[list[int]]:
+            gens = [list(g) for g in teacher.generate([list(p) for _, p in part], max_new_tokens)]
+            with self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?)",
+                               [(teacher.id, key, max_new_tokens, np.asarray(g, np.int32).tobytes())
+                                for (key, _), g in zip(part, gens)])
+            return gens
+
+        found = fill_missing(keys, prompts, found, self.gen_stats, compute, chunk, "teacher generations", "seq", progress)
         return [found[key] for key in keys]
 
     # -- housekeeping --------------------------------------------------------------------------

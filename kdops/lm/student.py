@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdops.artifacts import ArtifactError, file_sha256
+from kdops.paths import atomic_dir
 
 WEIGHTS, VOCAB_MAP, META = "model.safetensors", "vocab_map.safetensors", "kdops.json"
 
@@ -192,24 +192,20 @@ def from_config(config, full_vocab_size: int | None = None, seed: int = 0) -> LM
 def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineage: dict | None = None) -> Path:
     """Write atomically: a temporary sibling directory renamed into place."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if student.trimmed:
-        save_file({"keep_ids": student.keep_ids.cpu().contiguous()}, str(tmp / VOCAB_MAP))
-    meta = {
-        "kind": "causal-lm",
-        "full_vocab_size": student.full_vocab_size,
-        "trimmed_vocab": student.trimmed,
-        "num_parameters": student.num_parameters(),
-        "lineage": lineage or {},
-        "sha256": {f: file_sha256(tmp / f) for f in (WEIGHTS, VOCAB_MAP) if (tmp / f).exists()},
-    }
-    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with atomic_dir(directory) as tmp:
+        student.model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if student.trimmed:
+            save_file({"keep_ids": student.keep_ids.cpu().contiguous()}, str(tmp / VOCAB_MAP))
+        meta = {
+            "kind": "causal-lm",
+            "full_vocab_size": student.full_vocab_size,
+            "trimmed_vocab": student.trimmed,
+            "num_parameters": student.num_parameters(),
+            "lineage": lineage or {},
+            "sha256": {f: file_sha256(tmp / f) for f in (WEIGHTS, VOCAB_MAP) if (tmp / f).exists()},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     return directory
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from kdops.artifacts import file_sha256
+from kdops.paths import atomic_dir
 from kdops.teacher import directory_id
 
 log = logging.getLogger(__name__)
@@ -71,14 +70,10 @@ def materialise_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model = type(gguf_model)(gguf_model.config)
     model.load_state_dict(gguf_model.state_dict())
     model.config.tie_word_embeddings = bool(gguf_model.config.tie_word_embeddings)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    (tmp / MARKER).write_text(json.dumps({"source": source, "seconds": round(time.time() - t0, 1)}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / MARKER).write_text(json.dumps({"source": source, "seconds": round(time.time() - t0, 1)}, indent=2))
     log.info("materialised %s in %.0f s -> %s", gguf_path.name, time.time() - t0, out_dir)
     return out_dir
 
