@@ -26,6 +26,13 @@ class ServedPredictions:
     versions: list[str]  # MODEL_VERSION per row; empty strings for a teacher
 
 
+@dataclass
+class ServedGenerations:
+    texts: list[str]  # COMPLETION per prompt
+    tokens: list[int]  # new tokens per prompt
+    versions: list[str]  # MODEL_VERSION per prompt
+
+
 class ServingClient:
     def __init__(self, url: str, admin_key: str = "", timeout_s: float = 60.0, grpc_url: str = ""):
         self.url, self.admin_key, self.timeout_s, self.grpc_url = url, admin_key, timeout_s, grpc_url
@@ -79,6 +86,31 @@ class ServingClient:
         versions = ([x.decode() for x in res.as_numpy("MODEL_VERSION").reshape(-1)]
                     if "MODEL_VERSION" in names else [""] * len(labels))
         return ServedPredictions(scores.astype(np.float32), labels, versions)
+
+    def generate(self, model: str, prompts: list[str], max_tokens: int | None = None,
+                 temperature: float | None = None, version: str = "") -> ServedGenerations:
+        """Continuations from a generation model; ``None`` leaves an input out (the model's default)."""
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        n = len(prompts)
+        arrays = [("PROMPT", "BYTES", np.array([[p.encode("utf-8") if isinstance(p, str) else p] for p in prompts], object))]
+        if max_tokens is not None:
+            arrays.append(("MAX_TOKENS", "INT32", np.full((n, 1), max_tokens, np.int32)))
+        if temperature is not None:
+            arrays.append(("TEMPERATURE", "FP32", np.full((n, 1), temperature, np.float32)))
+        inputs = []
+        for name, dtype, arr in arrays:
+            inp = httpclient.InferInput(name, list(arr.shape), dtype)
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        try:
+            res = self.http.infer(model, inputs, model_version=version)
+        except InferenceServerException as e:
+            raise ServingError(f"{model}: {e.message() if hasattr(e, 'message') else e}") from e
+        return ServedGenerations([x.decode("utf-8") for x in res.as_numpy("COMPLETION").reshape(-1)],
+                                 [int(x) for x in res.as_numpy("TOKENS").reshape(-1)],
+                                 [x.decode() for x in res.as_numpy("MODEL_VERSION").reshape(-1)])
 
     def predict(self, model: str, texts: list[str]) -> ServedPredictions:
         return self.infer(model, texts)

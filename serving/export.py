@@ -1,8 +1,9 @@
-"""Export a kdops student (or an HF sequence-classifier teacher) as a Triton Python-backend model.
+"""Export a kdops student (classifier or causal LM) or an HF sequence-classifier teacher as a Triton Python-backend model.
 
 ``<repo>/<model>/config.pbtxt`` is complete (the server runs with ``--disable-auto-complete-config``, which
 saves a ~5 s auto-complete stub per load, see serving/README.md) and
-``<repo>/<model>/<version>/`` holds ``model.py`` (serving/templates/model.py) plus ``artifact/``, a copy of the
+``<repo>/<model>/<version>/`` holds ``model.py`` (serving/templates/model.py, or lm_model.py for a
+generation model) plus ``artifact/``, a copy of the
 safetensors + JSON + tokenizer files. Pickle files are never copied and never loaded.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from kdops.artifacts import ArtifactError, file_sha256, read_meta
 
 TEMPLATE = Path(__file__).parent / "templates" / "model.py"
+LM_TEMPLATE = Path(__file__).parent / "templates" / "lm_model.py"
 # Files an artifact may contain; anything else (a .bin/.pt/.pkl pickle, caches) is left behind.
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken")
 WARMUP_TEXTS = ("this movie was good", "a terrible boring plot and a really awful actor")
@@ -38,12 +40,17 @@ class ExportConfig:
     max_chars: int = field(default=20_000, metadata={"help": "Longer texts get an error response, not a prediction."})
     warmup: bool = field(default=True, metadata={"help": "Send warm-up requests before the model is marked ready."})
     prediction_log_dir: str = field(default="", metadata={"help": "Directory for the prediction log (empty: off)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation models: the most new tokens a request may ask for."})
+    default_max_tokens: int = field(default=32, metadata={"help": "Generation models: new tokens when a request sends no MAX_TOKENS."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "Generation models: longer prompts keep their last tokens."})
 
     def __post_init__(self) -> None:
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
             raise ValueError("instance_kind must be KIND_CPU or KIND_GPU.")
         if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
             raise ValueError("max_batch_size and instance_count must be >= 1, max_queue_delay_us >= 0.")
+        if not 0 <= self.default_max_tokens <= self.max_new_tokens or self.max_prompt_tokens < 2:
+            raise ValueError("need 0 <= default_max_tokens <= max_new_tokens and max_prompt_tokens >= 2.")
         if any(p < 1 or p > self.max_batch_size for p in self.preferred_batch_sizes):
             raise ValueError("preferred_batch_sizes must lie in [1, max_batch_size].")
 
@@ -58,13 +65,43 @@ def _params(params: dict[str, str]) -> str:
                      for k, v in params.items())
 
 
-def model_config(name: str, cfg: ExportConfig, num_labels: int, kind: str, params: dict[str, str]) -> str:
-    """The full config.pbtxt text of a Python-backend model (student: probabilities; teacher: logits)."""
+def _tensor(name: str, dtype: str, dims: int | str = 1, optional: bool = False) -> str:
+    opt = " optional: true" if optional else ""
+    return f'{{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{opt} }}'
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """The tensors of a served kind: inputs (name, dtype, optional), outputs (name, dtype, dims)."""
+
+    inputs: tuple[tuple[str, str, bool], ...]
+    outputs: tuple[tuple[str, str, int], ...]
+    warmup: tuple[tuple[str, str, str], ...]  # (input, dtype, warm-up file in <model>/warmup/)
+
+    def pbtxt(self) -> str:
+        ins = ", ".join(_tensor(n, d, optional=o) for n, d, o in self.inputs)
+        outs = ", ".join(_tensor(n, d, k) for n, d, k in self.outputs)
+        return f"input [ {ins} ]\noutput [ {outs} ]"
+
+
+def classifier_io(num_labels: int, kind: str = "student") -> ModelIO:
     scores = "PROBABILITIES" if kind == "student" else "LOGITS"
-    outputs = [f'{{ name: "{scores}" data_type: TYPE_FP32 dims: [ {num_labels} ] }}',
-               '{ name: "LABEL" data_type: TYPE_STRING dims: [ 1 ] }']
+    outs = ((scores, "TYPE_FP32", num_labels), ("LABEL", "TYPE_STRING", 1))
     if kind == "student":
-        outputs.append('{ name: "MODEL_VERSION" data_type: TYPE_STRING dims: [ 1 ] }')
+        outs += (("MODEL_VERSION", "TYPE_STRING", 1),)
+    return ModelIO((("TEXT", "TYPE_STRING", False),), outs, (("TEXT", "TYPE_STRING", "text"),))
+
+
+# Generation: a prompt in, the continuation out; token budget and temperature are optional per request.
+LM_IO = ModelIO(
+    (("PROMPT", "TYPE_STRING", False), ("MAX_TOKENS", "TYPE_INT32", True), ("TEMPERATURE", "TYPE_FP32", True)),
+    (("COMPLETION", "TYPE_STRING", 1), ("TOKENS", "TYPE_INT32", 1), ("MODEL_VERSION", "TYPE_STRING", 1)),
+    (("PROMPT", "TYPE_STRING", "text"), ("MAX_TOKENS", "TYPE_INT32", "max_tokens")),
+)
+
+
+def model_config(name: str, cfg: ExportConfig, io: ModelIO, params: dict[str, str]) -> str:
+    """The full config.pbtxt text of a Python-backend model."""
     gpus = f" gpus: [ {', '.join(map(str, cfg.gpus))} ]" if cfg.gpus and cfg.instance_kind == "KIND_GPU" else ""
     batching = ""
     if cfg.dynamic_batching:
@@ -72,17 +109,16 @@ def model_config(name: str, cfg: ExportConfig, num_labels: int, kind: str, param
                     f" max_queue_delay_microseconds: {cfg.max_queue_delay_us} }}")
     warmup = ""
     if cfg.warmup:
-        # One single-text and one two-text batch: the first real requests then meet a warm model
+        # One single-row and one two-row batch: the first real requests then meet a warm model
         # (tokenizer caches, allocator, first-call overheads); a failing warm-up fails the load.
         warmup = "\n".join(
-            f'model_warmup [{{ name: "warmup_{n}" batch_size: {n} inputs {{ key: "TEXT" value {{ '
-            f'data_type: TYPE_STRING dims: [ 1 ] input_data_file: "text" }} }} }}]' for n in (1, 2))
+            f'model_warmup [{{ name: "warmup_{n}" batch_size: {n} '
+            + " ".join(f'inputs {{ key: "{i}" value {{ data_type: {d} dims: [ 1 ] input_data_file: "{f}" }} }}'
+                       for i, d, f in io.warmup) + " }]" for n in (1, 2))
     return "\n".join(x for x in [
-        f'name: "{name}"', 'backend: "python"', f"max_batch_size: {cfg.max_batch_size}",
-        'input [ { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] } ]',
-        "output [ " + ", ".join(outputs) + " ]",
+        f'name: "{name}"', 'backend: "python"', f"max_batch_size: {cfg.max_batch_size}", io.pbtxt(),
         f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind}{gpus} }} ]",
-        batching, warmup, _params({"kdops_kind": kind, **params}),
+        batching, warmup, _params(params),
     ] if x) + "\n"
 
 
@@ -93,13 +129,13 @@ def _copy_artifact(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _write_model(repo: Path, name: str, version: int, src: Path, text: str) -> Path:
+def _write_model(repo: Path, name: str, version: int, src: Path, text: str, template: Path = TEMPLATE) -> Path:
     model_dir = repo / name
     vdir = model_dir / str(version)
     if vdir.exists():
         shutil.rmtree(vdir)
     vdir.mkdir(parents=True)
-    shutil.copy2(TEMPLATE, vdir / "model.py")
+    shutil.copy2(template, vdir / "model.py")
     # Why: the stub's import would write __pycache__/ into the version dir, which changes its mtime; Triton
     # then sees the slot as modified and re-loads it (a new stub, seconds of CPU) whenever the ensemble
     # in front of it is re-loaded. Compiling here makes that import write nothing (measured, README).
@@ -108,6 +144,7 @@ def _write_model(repo: Path, name: str, version: int, src: Path, text: str) -> P
     warm = model_dir / "warmup"
     warm.mkdir(exist_ok=True)
     (warm / "text").write_bytes(_string_warmup_file(WARMUP_TEXTS[:1]))
+    (warm / "max_tokens").write_bytes(struct.pack("<i", 4))  # generation models: a 4-token warm-up
     tmp = model_dir / "config.pbtxt.tmp"
     tmp.write_text(text)
     tmp.replace(model_dir / "config.pbtxt")  # atomic: a concurrent load never reads half a config
@@ -137,7 +174,7 @@ def export_student(artifact_dir: str | Path, repo: str | Path, name: str, versio
               "kdops_label_names": json.dumps(meta.label_names)}
     if cfg.prediction_log_dir:
         params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
-    text = model_config(name, cfg, len(meta.label_names), "student", params)
+    text = model_config(name, cfg, classifier_io(len(meta.label_names)), {"kdops_kind": "student", **params})
     return _write_model(Path(repo), name, version, src, text)
 
 
@@ -158,31 +195,76 @@ def export_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: int
     params = {"kdops_version": str(version), "kdops_max_chars": cfg.max_chars,
               "kdops_torch_threads": cfg.torch_threads, "kdops_label_names": json.dumps(labels),
               "kdops_teacher_id": directory_id(src)}
-    text = model_config(name, cfg, len(labels), "teacher", params)
+    text = model_config(name, cfg, classifier_io(len(labels), "teacher"), {"kdops_kind": "teacher", **params})
     return _write_model(Path(repo), name, version, src, text)
 
 
-def ensemble_config(name: str, target: str, num_labels: int, max_batch_size: int) -> str:
+def artifact_kind(artifact_dir: str | Path) -> str:
+    """``classifier`` or ``causal-lm``, from the artifact's kdops.json (ArtifactError if there is none)."""
+    path = Path(artifact_dir) / "kdops.json"
+    try:
+        kind = json.loads(path.read_text()).get("kind", "classifier")
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{artifact_dir}: not a kdops artifact (kdops.json missing).") from e
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ArtifactError(f"{path} is not a JSON object ({e}).") from e
+    return "causal-lm" if kind == "causal-lm" else "classifier"
+
+
+def lm_version_label(artifact_dir: str | Path, version: int) -> str:
+    """MODEL_VERSION of a generation model: the Triton version and the first 8 hex of the weights' SHA-256."""
+    meta = json.loads((Path(artifact_dir) / "kdops.json").read_text())
+    sha = meta.get("sha256", {}).get("model.safetensors") or file_sha256(Path(artifact_dir) / "model.safetensors")
+    return f"{version}-{sha[:8]}"
+
+
+def export_lm_student(artifact_dir: str | Path, repo: str | Path, name: str, version: int = 1,
+                      cfg: ExportConfig = ExportConfig(), version_label: str | None = None) -> Path:
+    """Write ``<repo>/<name>/<version>/`` for a causal-LM student (kdops.lm.student.save_lm_student)."""
+    src = Path(artifact_dir)
+    if artifact_kind(src) != "causal-lm":
+        raise ArtifactError(f"{src}: not a causal-LM student (kdops.json kind).")
+    if not (src / "model.safetensors").is_file():
+        raise ArtifactError(f"{src}: model.safetensors missing.")
+    params = {"kdops_kind": "causal-lm", "kdops_version": version_label or lm_version_label(src, version),
+              "kdops_max_chars": cfg.max_chars, "kdops_torch_threads": cfg.torch_threads,
+              "kdops_max_new_tokens": cfg.max_new_tokens, "kdops_default_max_tokens": cfg.default_max_tokens,
+              "kdops_max_prompt_tokens": cfg.max_prompt_tokens}
+    if cfg.prediction_log_dir:
+        params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
+    return _write_model(Path(repo), name, version, src, model_config(name, cfg, LM_IO, params), LM_TEMPLATE)
+
+
+def version_label(artifact_dir: str | Path, version: int) -> str:
+    """MODEL_VERSION for either kind of artifact."""
+    if artifact_kind(artifact_dir) == "causal-lm":
+        return lm_version_label(artifact_dir, version)
+    return student_version_label(artifact_dir, version)
+
+
+def export_artifact(artifact_dir: str | Path, repo: str | Path, name: str, version: int = 1,
+                    cfg: ExportConfig = ExportConfig(), version_label: str | None = None) -> Path:
+    """Export a classifier student or a causal-LM student, whichever ``artifact_dir`` holds."""
+    fn = export_lm_student if artifact_kind(artifact_dir) == "causal-lm" else export_student
+    return fn(artifact_dir, repo, name, version, cfg, version_label)
+
+
+def ensemble_config(name: str, target: str, io: ModelIO, max_batch_size: int) -> str:
     """A one-step ensemble: the stable name clients call, forwarding to the active slot model.
 
     Re-pointing it is a reload of a backend-less model (no stub process, milliseconds), which is what
     makes the switch itself stall-free; see serving/swap.py.
     """
-    io = {"TEXT": "TEXT", "PROBABILITIES": "PROBABILITIES", "LABEL": "LABEL", "MODEL_VERSION": "MODEL_VERSION"}
-    maps = "".join(f' {"input_map" if k == "TEXT" else "output_map"} {{ key: "{k}" value: "{v}" }}'
-                   for k, v in io.items())
-    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
-            'input [ { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
-            f'output [ {{ name: "PROBABILITIES" data_type: TYPE_FP32 dims: [ {num_labels} ] }}, '
-            '{ name: "LABEL" data_type: TYPE_STRING dims: [ 1 ] }, '
-            '{ name: "MODEL_VERSION" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+    maps = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in io.inputs)
+    maps += "".join(f' output_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in io.outputs)
+    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n{io.pbtxt()}\n'
             f'ensemble_scheduling {{ step [ {{ model_name: "{target}" model_version: -1{maps} }} ] }}\n')
 
 
-def write_ensemble(repo: str | Path, name: str, target: str, num_labels: int, max_batch_size: int) -> Path:
+def write_ensemble(repo: str | Path, name: str, target: str, io: ModelIO, max_batch_size: int) -> Path:
     model_dir = Path(repo) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble still needs a version folder
     tmp = model_dir / "config.pbtxt.tmp"
-    tmp.write_text(ensemble_config(name, target, num_labels, max_batch_size))
+    tmp.write_text(ensemble_config(name, target, io, max_batch_size))
     tmp.replace(model_dir / "config.pbtxt")
     return model_dir

@@ -1,4 +1,4 @@
-"""Hot swap and rollback of a student behind a stable model name.
+"""Hot swap and rollback of a student (classifier or generation model) behind a stable model name.
 
 Layout: clients call ``<model>`` (an ensemble, no backend, no process) which forwards to one of two slot
 models ``<model>__s0`` / ``<model>__s1`` (Python backend). A swap:
@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from serving.client import ServingClient, ServingError
-from serving.export import ExportConfig, export_student, student_version_label, write_ensemble
+from serving.export import (LM_IO, ExportConfig, artifact_kind, classifier_io, export_artifact, version_label,
+                            write_ensemble)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class SwapConfig:
     smoke_texts: tuple[str, ...] = field(default=SMOKE_TEXTS, metadata={"help": "Texts the new slot must answer before traffic moves."})
     verify_local: bool = field(default=True, metadata={"help": "Also compare the slot's probabilities with kdops.predict on the same artifact."})
     atol: float = field(default=1e-4, metadata={"help": "Largest allowed |served - local| probability difference."})
+    smoke_tokens: int = field(default=8, metadata={"help": "Generation models: greedy tokens per smoke prompt (served and local must agree exactly)."})
     nice_loading: bool = field(default=False, metadata={"help": "Run the swap at nice 19: the calling thread, and (embedded server) the loading stub until ready. Serving keeps the CPU; swaps take longer on a busy box."})
     drain_s: float = field(default=0.5, metadata={"help": "Seconds between switching and unloading the old slot (in-flight requests finish)."})
     keep_archive: int = field(default=5, metadata={"help": "Previous artifacts kept beside the repository for rollback."})
@@ -126,6 +128,38 @@ def check_smoke(served, texts, label: str, expected: np.ndarray | None, atol: fl
     if expected is not None:
         if expected.shape != p.shape or np.abs(expected - p).max() > atol:
             raise SwapError(f"smoke batch: served probabilities differ from kdops.predict's (atol {atol})")
+
+
+def check_lm_smoke(served, prompts, label: str, expected: list[str] | None, max_tokens: int) -> None:
+    """Raise SwapError unless a generation model's smoke answer is well-formed (and equals ``expected``)."""
+    if len(served.texts) != len(prompts) or len(served.tokens) != len(prompts):
+        raise SwapError(f"smoke batch: expected {len(prompts)} completions, got {len(served.texts)}")
+    if any(not 0 <= t <= max_tokens for t in served.tokens):
+        raise SwapError(f"smoke batch: token counts {served.tokens} outside [0, {max_tokens}]")
+    if any(v != label for v in served.versions):
+        raise SwapError(f"smoke batch answered by {set(served.versions)}, expected {label}")
+    if expected is not None and list(served.texts) != list(expected):
+        raise SwapError(f"smoke batch: served greedy completions differ from kdops.lm.predict's: "
+                        f"{served.texts[:2]!r} vs {expected[:2]!r}")
+
+
+def _smoke(client: ServingClient, name: str, kind: str, texts: list[str], label: str, artifact_dir: Path | None,
+           cfg: "SwapConfig") -> None:
+    """Ask ``name`` the smoke batch; compare with the local prediction of ``artifact_dir`` when given."""
+    if kind == "causal-lm":
+        expected = None
+        if artifact_dir is not None:
+            from kdops.lm.predict import LMGenerator
+
+            expected = [g.text for g in LMGenerator.from_dir(artifact_dir).generate(texts, cfg.smoke_tokens, 0.0)]
+        check_lm_smoke(client.generate(name, texts, cfg.smoke_tokens, 0.0), texts, label, expected, cfg.smoke_tokens)
+        return
+    expected = None
+    if artifact_dir is not None:
+        from kdops.predict import Predictor
+
+        expected = Predictor.from_dir(artifact_dir).predict_proba(texts)
+    check_smoke(client.infer(name, texts), texts, label, expected, cfg.atol)
 
 
 def _set_nice(pid: int, value: int) -> None:
@@ -240,7 +274,11 @@ def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | N
         old, prev_label = state["active_slot"], state["label"]
         slot = next(s for s in slot_names(model) if s != old)
         version = int(state["version"]) + 1
-        label = student_version_label(artifact_dir, version)
+        try:
+            kind = artifact_kind(artifact_dir)
+            label = version_label(artifact_dir, version)
+        except Exception as e:  # no kdops.json, unreadable metadata: refused before anything is touched
+            raise SwapError(f"{artifact_dir}: not a servable artifact ({e}); {old or 'nothing'} still serving") from e
         t = {}
         t0 = time.perf_counter()
         _safe_unload(client, slot)  # a leftover from an interrupted swap; it is not serving
@@ -249,7 +287,7 @@ def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | N
                 if d.is_dir() and d.name.isdigit():
                     shutil.rmtree(d)
         try:
-            export_student(artifact_dir, repo, slot, version, cfg.export, version_label=label)
+            export_artifact(artifact_dir, repo, slot, version, cfg.export, version_label=label)
         except Exception as e:
             raise SwapError(f"{artifact_dir}: export failed ({e}); {old or 'nothing'} still serving") from e
         t["export"] = time.perf_counter() - t0
@@ -259,25 +297,21 @@ def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | N
                 client.load(slot)
             t["load"] = time.perf_counter() - t0 - t["export"]
             texts = list(cfg.smoke_texts)
-            expected = None
-            if cfg.verify_local:
-                from kdops.predict import Predictor
-
-                expected = Predictor.from_dir(artifact_dir).predict_proba(texts)
-            check_smoke(client.infer(slot, texts), texts, label, expected, cfg.atol)
+            _smoke(client, slot, kind, texts, label, artifact_dir if cfg.verify_local else None, cfg)
             t["smoke"] = time.perf_counter() - t0 - t["export"] - t["load"]
         except Exception as e:  # load error, smoke mismatch, a dead stub: all refuse the version
             _safe_unload(client, slot)
             raise SwapError(f"{model} v{version} ({artifact_dir}) refused: {e}; "
                             f"{state['label'] or 'nothing'} still serving") from e
-        num_labels = len(json.loads(client.parameter(slot, "kdops_label_names") or "[]")) or 2
+        io = LM_IO if kind == "causal-lm" else classifier_io(
+            len(json.loads(client.parameter(slot, "kdops_label_names") or "[]")) or 2)
         ens_cfg = repo / model / "config.pbtxt"
         previous_ens = ens_cfg.read_text() if ens_cfg.exists() else None
         ts = time.perf_counter()
         try:
-            write_ensemble(repo, model, slot, num_labels, cfg.export.max_batch_size)
+            write_ensemble(repo, model, slot, io, cfg.export.max_batch_size)
             client.load(model)
-            check_smoke(client.infer(model, texts[:1]), texts[:1], label, None, cfg.atol)
+            _smoke(client, model, kind, texts[:1], label, None, cfg)
         except Exception as e:
             if previous_ens is not None:  # put the old routing back before giving up
                 ens_cfg.write_text(previous_ens)

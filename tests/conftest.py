@@ -77,3 +77,46 @@ def kdops_home(tmp_path, monkeypatch) -> Path:
     """An isolated kdops data directory."""
     monkeypatch.setenv("KDOPS_HOME", str(tmp_path / "kdops_home"))
     return tmp_path / "kdops_home"
+
+
+def make_lm_tokenizer(directory: Path):
+    """A word-level causal-LM tokenizer (``<|endoftext|>`` starts and ends sequences), saved like a real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(["<|endoftext|>", "<unk>"] + WORDS + list(".,!?'")))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(directory))
+    return tok
+
+
+def make_tiny_lm(vocab_size: int, layers: int = 2, seed: int = 0):
+    """A tiny random Llama (hidden 32) over ``vocab_size`` ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_lm_student(directory: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
+    from kdops.lm.student import LMStudent, save_lm_student
+
+    model = make_tiny_lm(len(tokenizer), layers, seed)
+    return save_lm_student(directory, LMStudent(model, len(tokenizer)), tokenizer, lineage={"teacher_id": "tiny-lm"})
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_tokenizer(tmp_path_factory):
+    return make_lm_tokenizer(tmp_path_factory.mktemp("lmtok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_lm_tokenizer) -> Path:
+    """A saved causal-LM student artifact (2 layers, random weights, the word-level tokenizer)."""
+    return save_tiny_lm_student(tmp_path_factory.mktemp("lmstudents") / "tiny-lm", tiny_lm_tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdops.artifacts import ArtifactError
-from serving.export import ExportConfig, ensemble_config, export_student
+from serving.export import LM_IO, ExportConfig, classifier_io, ensemble_config, export_student, model_config
 
 
 def test_export_student_layout(tiny_student_dir, tmp_path):
@@ -33,9 +33,15 @@ def test_config_validation_and_ensemble():
         ExportConfig(instance_kind="KIND_TPU")
     with pytest.raises(ValueError):
         ExportConfig(max_batch_size=8, preferred_batch_sizes=(16,))
-    assert 'model_name: "m__s1"' in ensemble_config("m", "m__s1", 2, 64)
-    assert "dynamic_batching" not in __import__("serving.export", fromlist=["x"]).model_config(
-        "m", ExportConfig(dynamic_batching=False), 2, "student", {})
+    ens = ensemble_config("m", "m__s1", classifier_io(2), 64)
+    assert 'model_name: "m__s1"' in ens and 'output_map { key: "MODEL_VERSION"' in ens
+    assert "dynamic_batching" not in model_config("m", ExportConfig(dynamic_batching=False), classifier_io(2), {})
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        ExportConfig(default_max_tokens=300, max_new_tokens=256)
+    lm = model_config("g", ExportConfig(), LM_IO, {})
+    assert 'name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true' in lm
+    assert 'key: "MAX_TOKENS" value { data_type: TYPE_INT32' in lm  # warm-up sends a token budget
+    assert 'input_map { key: "TEMPERATURE" value: "TEMPERATURE" }' in ensemble_config("g", "g__s0", LM_IO, 8)
 
 
 def test_cli_every_option_has_help():

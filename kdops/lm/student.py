@@ -106,19 +106,27 @@ class LMStudent(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_id: int | None,
-                 batch_size: int = 16) -> list[list[int]]:
+                 batch_size: int = 16, temperature: float = 0.0) -> list[list[int]]:
+        """Continuations in full-vocabulary ids (new tokens only, cut after the first EOS): greedy at
+        ``temperature`` 0, else plain sampling from the softmax at that temperature (no top-k / top-p)."""
         from kdops.lm.teacher import pad_batch
 
         device = next(self.model.parameters()).device
         out: list[list[int]] = []
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
         extra = {"suppress_tokens": [self.other_id]} if self.trimmed else {}
+        if temperature > 0:
+            extra.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        else:
+            extra.update(do_sample=False)
         s_pad = int(self.map_ids(torch.tensor(pad_id)))
         s_eos = None if eos_id is None else int(self.map_ids(torch.tensor(eos_id)))
         for s in range(0, len(prompts), batch_size):
             ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
             ids = self.map_ids(ids.to(device))
             gen = self.model.generate(input_ids=ids, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=s_pad, eos_token_id=s_eos, **extra)
+                                      pad_token_id=s_pad, eos_token_id=s_eos, **extra)
             new = gen[:, ids.shape[1]:]
             new = self.keep_ids[new] if self.trimmed else new
             for row in new.tolist():

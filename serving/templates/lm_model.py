@@ -1,0 +1,106 @@
+"""Triton Python-backend adapter for a kdops causal-LM student: prompt in, text out (copied into <repo>/<model>/<version>/).
+
+Inputs ``PROMPT`` (string), optional ``MAX_TOKENS`` (int32, default from config) and ``TEMPERATURE`` (fp32,
+0 = greedy); outputs ``COMPLETION`` (string), ``TOKENS`` (int32, new tokens) and ``MODEL_VERSION``.
+Generation is kdops.lm.predict.LMGenerator; the requests of one dynamic batch are generated together, one
+``generate`` per distinct temperature. A bad request gets its own error response and never takes the model
+down. It imports triton_python_backend_utils, so it only runs inside the server.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# The stub runs Python isolated, so PYTHONPATH is ignored; serving/server.py puts the kdops repository root
+# there, so apply it by hand, first (as serving/templates/model.py does).
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+def _param(cfg, key, default=""):
+    return cfg.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def _values(request, name):
+    """An optional input's values as a list, or None when the request left it out."""
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy().reshape(-1).tolist()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import torch
+
+        from kdops.lm.predict import LMGenerator
+
+        cfg = json.loads(args["model_config"])
+        self.model_name = args["model_name"]
+        self.version = _param(cfg, "kdops_version", args["model_version"])
+        self.default_tokens = int(_param(cfg, "kdops_default_max_tokens", "32"))
+        threads = int(_param(cfg, "kdops_torch_threads", "0"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        on_gpu = args["model_instance_kind"] == "GPU"
+        device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
+        here = Path(args["model_repository"]) / args["model_version"]
+        self.generator = LMGenerator.from_dir(
+            here / "artifact", device=device, max_chars=int(_param(cfg, "kdops_max_chars", "20000")),
+            max_prompt_tokens=int(_param(cfg, "kdops_max_prompt_tokens", "256")),
+            max_new_tokens_limit=int(_param(cfg, "kdops_max_new_tokens", "256")), version=self.version)
+        self.log = None
+        log_dir = _param(cfg, "kdops_prediction_log_dir")
+        if log_dir:
+            from kdops.prediction_log import PredictionLogWriter
+
+            source = f"{self.model_name}-v{args['model_version']}-i{args['model_instance_name'].split('_')[-1]}"
+            self.log = PredictionLogWriter(log_dir, source.replace("/", "_"))
+
+    def execute(self, requests):
+        # Validate per request so one bad request fails alone; generate the good ones as one batch.
+        prompts, budgets, temps, spans, errors = [], [], [], [], {}
+        for i, request in enumerate(requests):
+            try:
+                p = [x.decode("utf-8") if isinstance(x, bytes) else x
+                     for x in pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)]
+                m = _values(request, "MAX_TOKENS") or [self.default_tokens]
+                t = _values(request, "TEMPERATURE") or [0.0]
+                # one value for the whole request, or one per prompt
+                p, m, t = self.generator.check(p, m * len(p) if len(m) == 1 else m, t * len(p) if len(t) == 1 else t)
+            except Exception as e:  # InputError, undecodable bytes, odd tensors: an error response
+                errors[i] = f"{self.model_name}: bad request: {e}"
+                continue
+            spans.append((i, len(prompts), len(prompts) + len(p)))
+            prompts.extend(p)
+            budgets.extend(m)
+            temps.extend(t)
+        responses = [None] * len(requests)
+        for i, msg in errors.items():
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg))
+        if not prompts:
+            return responses
+        try:
+            gens = self.generator.generate(prompts, budgets, temps)
+        except Exception as e:
+            for i, _, _ in spans:
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"{self.model_name}: generation failed: {e}"))
+            return responses
+        for i, a, b in spans:
+            part = gens[a:b]
+            outs = [pb_utils.Tensor("COMPLETION", np.array([[g.text.encode("utf-8")] for g in part], object)),
+                    pb_utils.Tensor("TOKENS", np.array([[g.tokens] for g in part], np.int32)),
+                    pb_utils.Tensor("MODEL_VERSION", np.array([[self.version.encode()]] * (b - a), object))]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
+        if self.log is not None:
+            try:  # prompts are what drift monitoring reads; the completion goes in the label column
+                self.log.write_batch(prompts, [[] for _ in prompts], [g.text for g in gens], self.model_name, self.version)
+            except OSError as e:
+                pb_utils.Logger.log_warn(f"prediction log write failed: {e}")
+        return responses
+
+    def finalize(self):
+        if self.log is not None:
+            self.log.close()

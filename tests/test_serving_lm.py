@@ -1,0 +1,160 @@
+"""A causal-LM student served for generation by the real tritonserver: prompt in, text out, optional token
+budget and temperature, bad requests, a hot swap under load, a broken version refused, rollback, and the
+prediction log of prompts feeding the drift monitor."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.server
+
+pytest.importorskip("tritonclient.http")
+
+
+@pytest.fixture(scope="module")
+def second_lm(tmp_path_factory, tiny_lm_tokenizer):
+    from tests.conftest import save_tiny_lm_student
+
+    return save_tiny_lm_student(tmp_path_factory.mktemp("lm2") / "tiny-lm-2", tiny_lm_tokenizer, seed=1, layers=1)
+
+
+@pytest.fixture(scope="module")
+def lm_served(tmp_path_factory, tiny_lm_dir):
+    from serving.export import ExportConfig
+    from serving.server import ServerConfig, TritonServer
+    from serving.swap import SwapConfig, deploy
+
+    root = tmp_path_factory.mktemp("triton-lm")
+    cfg = SwapConfig(export=ExportConfig(prediction_log_dir=str(root / "predictions"), max_queue_delay_us=1000,
+                                         max_new_tokens=16, default_max_tokens=4))
+    with TritonServer(ServerConfig(repository=str(root / "repo"))) as server:
+        first = deploy(server, "gen", tiny_lm_dir, cfg=cfg)
+        yield server, cfg, first, root
+
+
+def _client(server, key=True):
+    from serving.client import ServingClient
+
+    return ServingClient(server.url, server.admin_key if key else "", grpc_url=server.grpc_url)
+
+
+def test_generation_matches_local_and_honours_inputs(lm_served, tiny_lm_dir):
+    from kdops.lm.predict import LMGenerator
+
+    server, _, first, _ = lm_served
+    client = _client(server)
+    prompts = ["this movie was good", "the plot was awful and boring", "what city is this ?"]
+    local = LMGenerator.from_dir(tiny_lm_dir)
+    out = client.generate("gen", prompts, max_tokens=6, temperature=0.0)
+    assert out.texts == [g.text for g in local.generate(prompts, 6, 0.0)]
+    assert out.versions == [first.label] * 3 and all(0 < t <= 6 for t in out.tokens)
+    # inputs left out: the config's default budget (4) and greedy decoding
+    default = client.generate("gen", prompts[:1])
+    assert default.tokens[0] <= 4 and default.texts == [g.text for g in local.generate(prompts[:1], 4, 0.0)]
+    # sampling: still well-formed, within budget
+    hot = client.generate("gen", prompts, max_tokens=5, temperature=1.5)
+    assert len(hot.texts) == 3 and all(t <= 5 for t in hot.tokens)
+    assert client.generate("gen", prompts[:1], max_tokens=0).tokens == [0]
+
+
+def test_bad_generation_requests_get_errors_and_model_keeps_serving(lm_served):
+    import tritonclient.http as httpclient
+
+    from serving.client import ServingError
+
+    server = lm_served[0]
+    client = _client(server)
+    with pytest.raises(ServingError, match="empty"):
+        client.generate("gen", ["  "])
+    with pytest.raises(ServingError, match="limit"):
+        client.generate("gen", ["good " * 10_000])
+    with pytest.raises(ServingError, match="max_new_tokens"):
+        client.generate("gen", ["good movie"], max_tokens=17)  # over the exported limit of 16
+    with pytest.raises(ServingError, match="max_new_tokens"):
+        client.generate("gen", ["good movie"], max_tokens=-1)
+    with pytest.raises(ServingError, match="temperature"):
+        client.generate("gen", ["good movie"], temperature=float("nan"))
+    wrong = httpclient.InferInput("PROMPT", [1, 1], "INT32")
+    wrong.set_data_from_numpy(np.array([[7]], np.int32))
+    with pytest.raises(Exception, match="(?i)datatype|type"):
+        client.http.infer("gen", [wrong])
+    assert client.generate("gen", ["still good"], max_tokens=2).tokens[0] <= 2
+
+
+def test_lm_hot_swap_under_load_broken_version_and_rollback(lm_served, second_lm, tmp_path):
+    from serving.swap import SwapError, hot_swap, rollback
+
+    server, cfg, first, _ = lm_served
+    stop, errors, seen = threading.Event(), [], set()
+
+    def hammer():
+        c = _client(server, key=False)
+        while not stop.is_set():
+            try:
+                seen.update(c.generate("gen", ["good movie", "bad plot"], max_tokens=3).versions)
+            except Exception as e:  # any failure is a test failure, counted below
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        second = hot_swap(server, "gen", second_lm, cfg=cfg)
+        broken = tmp_path / "broken"
+        shutil.copytree(second_lm, broken)
+        (broken / "model.safetensors").write_bytes(b"\x00" * 128)  # corrupt: checksum and header fail
+        with pytest.raises(SwapError, match="still serving"):
+            hot_swap(server, "gen", broken, cfg=cfg)
+        assert _client(server).generate("gen", ["ok"], max_tokens=1).versions == [second.label]
+        back = rollback(server, "gen", cfg=cfg)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert {first.label, second.label} <= seen
+    assert back.label.split("-")[1] == first.label.split("-")[1]
+    assert _client(server).generate("gen", ["ok"], max_tokens=1).versions == [back.label]
+
+
+def test_prompts_are_logged_and_monitored_for_drift(lm_served):
+    """Served prompts reach the prediction log (completion in ``label``); the drift monitor runs on them and
+    tells prompts like the reference from prompts of another kind."""
+    from kdops.prediction_log import read_predictions
+    from monitoring import MonitorConfig, TriggerConfig, monitor_window, profile_reference
+
+    server, _, _, root = lm_served
+    client = _client(server)
+    rng = np.random.default_rng(0)
+    reviews = ["good", "great", "bad", "awful", "boring", "fun", "dull", "excellent"]
+    things = ["movie", "film", "plot", "actor", "story"]
+
+    def review(i):
+        return f"the {rng.choice(things)} was really {rng.choice(reviews)} and {rng.choice(reviews)}"
+
+    def question(i):
+        return f"{rng.choice(['what', 'where', 'who', 'how'])} is the {rng.choice(['city', 'country', 'person'])} ?"
+
+    reference = [review(i) for i in range(120)]
+    t0 = time.time()
+    same, other = [review(i) for i in range(60)], [question(i) for i in range(60)]
+    client.generate("gen", same, max_tokens=2)
+    client.generate("gen", other, max_tokens=2)
+    df = read_predictions(root / "predictions", since=t0 - 0.01)
+    assert set(same) | set(other) <= set(df["text"]) and df["model_version"].str.len().min() > 0
+    assert all(p == [] for p in df["probabilities"])  # a generation model logs no class probabilities
+    cfg = MonitorConfig(window_size=60)
+    ref = profile_reference(reference, cfg)
+    verdicts = {}
+    for name, window in (("same", df[df["text"].isin(same)]), ("other", df[df["text"].isin(other)])):
+        res = monitor_window(ref, window[["text", "probabilities"]].reset_index(drop=True), root / f"mon-{name}",
+                             cfg, TriggerConfig(), write_html=name == "other")
+        verdicts[name] = res.verdict.decision
+        assert {r.name.split(".")[0] for r in res.results} == {"text"}  # text checks only: no probabilities
+    assert verdicts["same"] == "ok" and verdicts["other"] != "ok"
+    assert (root / "mon-other" / "reports").is_dir()
