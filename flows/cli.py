@@ -86,6 +86,64 @@ def up(
     run_up(cfg, echo=lambda m: typer.echo(m))
 
 
+lm_app = typer.Typer(help="Causal-LM distillation: the same flows, registry and Triton server for a language model.",
+                      no_args_is_help=True)
+app.add_typer(lm_app, name="lm")
+
+
+@lm_app.command("teacher")
+def lm_teacher() -> None:
+    """Materialise the shipped SmolLM2-135M-Instruct (GGUF) once as a safetensors directory; print its path."""
+    from kdops.lm.teacher import smollm2_dir
+
+    typer.echo(str(smollm2_dir()))
+
+
+@lm_app.command("distill")
+def lm_distill(
+    domains: str = typer.Option("movie", "--domains", help="Comma-separated corpus domains (movie, tweets, amazon, nyt) to train and evaluate on."),
+    train_sentences: int = typer.Option(500, "--train-sentences", min=1, help="Training sentences (a seeded sample of the domains' train split)."),
+    eval_sentences: int = typer.Option(100, "--eval-sentences", min=1, help="Held-out sentences per domain (test split) for perplexity."),
+    steps: int = typer.Option(150, "--steps", min=1, help="Optimiser steps in this round."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per step."),
+    lr: float = typer.Option(6e-4, "--lr", help="Peak learning rate."),
+    layers: int = typer.Option(10, "--layers", min=1, help="First round: teacher layers the student keeps."),
+    trim_vocab: int = typer.Option(8192, "--trim-vocab", min=-1, help="First round: keep ids seen in training plus the first N (-1: the full vocabulary)."),
+    max_ppl_ratio: float = typer.Option(1.15, "--max-ppl-ratio", help="Gate: student / teacher perplexity limit."),
+    model: str = typer.Option("kdops-lm-student", "--model", help="Registered and served model name."),
+    teacher_dir: Path = typer.Option(None, "--teacher-dir", help="A local causal-LM directory (safetensors); default the shipped SmolLM2-135M-Instruct."),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Hot-swap a promoted student into Triton as a generation model."),
+    triton_url: str = typer.Option("", "--triton-url", envvar="KDOPS_TRITON_URL", help="Attach to this Triton (HTTP host:port) instead of starting tritonserver."),
+    triton_grpc_url: str = typer.Option("", "--triton-grpc-url", envvar="KDOPS_TRITON_GRPC_URL", help="gRPC host:port of the attached Triton (model control)."),
+    triton_admin_key: str = typer.Option("", "--triton-admin-key", envvar="KDOPS_TRITON_ADMIN_KEY", help="Model-control key of the attached Triton."),
+    max_length: int = typer.Option(48, "--max-length", min=4, help="Token limit per sentence."),
+    speed: bool = typer.Option(False, "--speed/--no-speed", help="Also measure generation tokens/s and peak memory of teacher and student."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads for scoring and training."),
+    seed: int = typer.Option(13, "--seed", help="Sampling and training seed."),
+    json_out: Path = typer.Option(Path("out/lm_round.json"), "--json", help="Write the round's summary here."),
+) -> None:
+    """One LM round: teacher top-k (cached) -> distil (carve or continue the champion, with replay) -> perplexity
+    gate -> MLflow version -> hot swap on Triton. Run it again to continue from the new champion."""
+    import torch
+
+    from flows.lm_run import run_lm_round_cli
+    from kdops.gate import LMGateThresholds
+    from kdops.lm.distill import LMDistillConfig
+    from kdops.lm.rounds import LMShape
+
+    torch.set_num_threads(threads)
+    try:
+        cfg = LMDistillConfig(steps=steps, batch_size=batch_size, lr=lr, freeze_embeddings=trim_vocab < 0, seed=seed)
+        shape = LMShape(layers=layers, trim_vocab=None if trim_vocab < 0 else trim_vocab)
+        th = LMGateThresholds(max_ppl_ratio=max_ppl_ratio)
+        names = tuple(d.strip() for d in domains.split(",") if d.strip())
+        run_lm_round_cli(names, train_sentences, eval_sentences, cfg, shape, th, model, teacher_dir, serve, triton_url,
+                         triton_grpc_url, triton_admin_key, max_length, speed, seed, json_out, echo=typer.echo)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
 def main() -> None:
     import signal
     import sys

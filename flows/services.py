@@ -22,6 +22,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _drain_prefect_clients(timeout_s: float = 10.0) -> None:
+    """Send the flow-run logs and events still queued in this process before the server goes away; otherwise
+    they are sent after it and print "Error logging to API: All connection attempts failed" (what Prefect's own
+    test harness does, PrefectHQ/prefect#14854)."""
+    import inspect
+
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            if inspect.isawaitable(out := worker.drain_all(timeout=timeout_s)):
+                out.close()  # called from async code: nothing to drain synchronously
+    except Exception:  # never let a log flush stop the shutdown
+        pass
+
+
 class PrefectServer:
     """``prefect server start`` on loopback with its database under ``home``; a context manager."""
 
@@ -58,6 +75,7 @@ class PrefectServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            _drain_prefect_clients()
             self.proc.terminate()
             try:
                 self.proc.wait(15)

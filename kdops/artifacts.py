@@ -69,6 +69,7 @@ def save_student(directory: str | Path, model: StudentModel, tokenizer, meta: St
 
 
 def read_meta(directory: str | Path) -> StudentMeta:
+    """The kdops.json of a classifier student or (kind ``causal-lm``) of an LM student."""
     directory = Path(directory)
     try:
         d = json.loads((directory / META).read_text())
@@ -76,6 +77,13 @@ def read_meta(directory: str | Path) -> StudentMeta:
         raise ArtifactError(f"{directory}: not a kdops student ({META} missing).") from e
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{directory}/{META} is not valid JSON ({e}).") from e
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{directory}/{META} is not a JSON object.")
+    if d.get("kind") == "causal-lm":  # kdops.lm.student.save_lm_student: no labels, hashes per file
+        return StudentMeta(label_names=[], max_length=0, lineage=d.get("lineage", {}), kind="causal-lm",
+                           weights_sha256=d.get("sha256", {}).get(WEIGHTS, ""))
+    if "label_names" not in d:
+        raise ArtifactError(f"{directory}/{META}: no label_names; not a kdops classifier student.")
     return StudentMeta(
         label_names=list(d["label_names"]), max_length=int(d.get("max_length", 128)),
         lineage=d.get("lineage", {}), weights_sha256=d.get("weights_sha256", ""), kind=d.get("kind", "classifier"),
@@ -90,6 +98,8 @@ def load_student(directory: str | Path, device: str | torch.device = "cpu", veri
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such model directory.")
     meta = read_meta(directory)
+    if meta.kind != "classifier":
+        raise ArtifactError(f"{directory}: a {meta.kind} student; load it with kdops.lm.student.load_lm_student.")
     weights = directory / WEIGHTS
     if not weights.exists():
         raise ArtifactError(f"{directory}: {WEIGHTS} missing.")

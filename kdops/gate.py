@@ -35,20 +35,35 @@ class Decision:
         return asdict(self)
 
 
-def gate(candidate: dict, champion: dict | None, th: GateThresholds = GateThresholds()) -> Decision:
-    """Decide on ``candidate`` (an ``EvalReport.to_dict()``) against the serving ``champion`` (or None)."""
-    hard, soft, ok = [], [], []
+class _Checks:
+    """Collects every threshold check as ok, soft (within the review band) or hard, then decides."""
 
-    def check(name: str, value: float, limit: float, higher_is_better: bool) -> None:
+    def __init__(self, review_band: float):
+        self.band, self.hard, self.soft, self.ok = review_band, [], [], []
+
+    def __call__(self, name: str, value: float, limit: float, higher_is_better: bool) -> None:
         gap = (limit - value) if higher_is_better else (value - limit)
         cmp = ">=" if higher_is_better else "<="
         msg = f"{name} {value:.4f} (limit {cmp} {limit:.4f})"
         if gap <= 0:
-            ok.append(msg)
-        elif gap < th.review_band:
-            soft.append(msg + f": missed by {gap:.4f}, within the review band")
+            self.ok.append(msg)
+        elif gap < self.band:
+            self.soft.append(msg + f": missed by {gap:.4f}, within the review band")
         else:
-            hard.append(msg + f": missed by {gap:.4f}")
+            self.hard.append(msg + f": missed by {gap:.4f}")
+
+    def decision(self) -> Decision:
+        if self.hard:
+            return Decision("reject", tuple(self.hard + self.soft))
+        if self.soft:
+            return Decision("review", tuple(self.soft))
+        return Decision("promote", tuple(self.ok) or ("no thresholds to check",))
+
+
+def gate(candidate: dict, champion: dict | None, th: GateThresholds = GateThresholds()) -> Decision:
+    """Decide on ``candidate`` (an ``EvalReport.to_dict()``) against the serving ``champion`` (or None)."""
+    check = _Checks(th.review_band)
+    hard = check.hard
 
     check("retention", candidate["retention"], th.min_retention, True)
     if champion is not None:
@@ -66,8 +81,45 @@ def gate(candidate: dict, champion: dict | None, th: GateThresholds = GateThresh
             hard.append("latency budget set but the candidate has no batch-1 latency measurement")
         else:
             check("p99 latency ms (batch 1)", p99, th.max_p99_ms, False)
-    if hard:
-        return Decision("reject", tuple(hard + soft))
-    if soft:
-        return Decision("review", tuple(soft))
-    return Decision("promote", tuple(ok) or ("no thresholds to check",))
+    return check.decision()
+
+
+@dataclass(frozen=True)
+class LMGateThresholds:
+    """The gate for causal-LM students: perplexity against the teacher and the champion, optionally speed."""
+
+    max_ppl_ratio: float = field(default=1.15, metadata={"help": "Student perplexity / teacher perplexity (held-out text) must stay at or below this."})
+    max_domain_ppl_increase: float = field(default=0.05, metadata={"help": "Largest relative perplexity rise on any domain vs the champion (0.05 = 5 %)."})
+    min_speedup: float | None = field(default=None, metadata={"help": "Generation tokens/s vs the teacher (None = not gated; needs a speed measurement)."})
+    review_band: float = field(default=0.05, metadata={"help": "Misses by less than this go to a person instead of a reject."})
+
+    def __post_init__(self) -> None:
+        if self.max_ppl_ratio <= 0 or self.max_domain_ppl_increase < 0 or self.review_band < 0:
+            raise ValueError("max_ppl_ratio must be positive; max_domain_ppl_increase and review_band non-negative.")
+
+
+def gate_lm(candidate: dict, champion: dict | None, th: LMGateThresholds = LMGateThresholds()) -> Decision:
+    """Decide on an LM candidate (``LMReport.summary()``) against the serving champion's summary (or None).
+
+    Perplexity ratios, so the review band is relative too: 1.18 against a limit of 1.15 is within a 0.05 band.
+    """
+    check = _Checks(th.review_band)
+    if candidate.get("ppl_ratio") is None:
+        check.hard.append("no perplexity ratio against the teacher in the candidate report")
+    else:
+        check("perplexity / teacher", candidate["ppl_ratio"], th.max_ppl_ratio, False)
+    if champion is not None:
+        for key, value in champion.items():
+            if not key.startswith("student_ppl/"):
+                continue
+            cand = candidate.get(key)
+            if cand is None:
+                check.hard.append(f"{key}: evaluated for the champion but missing for the candidate")
+                continue
+            check(f"{key} / champion's", cand / value, 1.0 + th.max_domain_ppl_increase, False)
+    if th.min_speedup is not None:
+        if candidate.get("speedup") is None:
+            check.hard.append("speed threshold set but the candidate has no generation speed measurement")
+        else:
+            check("generation speedup", candidate["speedup"], th.min_speedup, True)
+    return check.decision()

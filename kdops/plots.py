@@ -60,11 +60,13 @@ def learning_curves(history: Sequence[dict], keys: Sequence[str] | None = None, 
     return fig
 
 
-def domain_accuracy(reports: dict[str, dict | None], metric: str = "accuracy", path: str | Path | None = None):
+def domain_accuracy(reports: dict[str, dict | None], metric: str = "accuracy", path: str | Path | None = None,
+                    ylim: tuple[float, float] | None = (0, 1.05)):
     """Grouped bars of ``report["per_domain"][domain][metric]`` for each model (student, teacher, champion).
 
     ``reports`` maps a model's display name to its EvalReport dict; a missing report (no champion yet)
-    or a domain a model was not evaluated on is skipped, not drawn as zero.
+    or a domain a model was not evaluated on is skipped, not drawn as zero. ``ylim=None`` scales the axis to
+    the data (perplexities).
     """
     reports = {k: v for k, v in reports.items() if v}
     if not reports:
@@ -84,7 +86,8 @@ def domain_accuracy(reports: dict[str, dict | None], metric: str = "accuracy", p
         bars = ax.bar(xs + (i - (len(reports) - 1) / 2) * width, vals, width, label=model)
         ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in vals], fontsize=7)
     ax.set_xticks(xs, domains)
-    ax.set_ylim(0, 1.05)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_ylabel(metric)
     ax.set_title(f"Per-domain {metric}")
     ax.legend(fontsize=8)

@@ -344,9 +344,9 @@ class Registry:
             lin.setdefault("code_version", code_version())
             tags = {f"{LINEAGE_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v, default=str)
                     for k, v in lin.items()}
-            tags.update({SHA_TAG: sha, PATH_TAG: artifact_path, "kdops.registered_by": _actor(None)})
+            tags.update({SHA_TAG: sha, PATH_TAG: artifact_path, "kdops.registered_by": _actor(None), "kdops.kind": meta.kind})
             mv = self._retry(lambda: self.client.create_model_version(
-                name, source, run_id=run_id, tags=tags, description=f"student {sha[:12]}"))
+                name, source, run_id=run_id, tags=tags, description=f"{meta.kind} student {sha[:12]}"))
         version = int(mv.version)
         # Without a shared lock (remote server) two flows can both pass the check above; both then
         # see the duplicates, agree that the lowest version wins, and delete their own extra one.
@@ -450,10 +450,16 @@ class Registry:
         return dst
 
     def load(self, name: str, version_or_alias: int | str, device: str = "cpu"):
-        """``(model, tokenizer, meta)`` of a version via ``kdops.artifacts.load_student`` (safetensors)."""
-        from kdops.artifacts import load_student
+        """``(model, tokenizer, meta)`` of a version (safetensors): ``kdops.artifacts.load_student`` for a
+        classifier, ``kdops.lm.student.load_lm_student`` for a causal-LM student."""
+        from kdops.artifacts import load_student, read_meta
 
-        return load_student(self.download(name, version_or_alias), device=device)
+        directory = self.download(name, version_or_alias)
+        if read_meta(directory).kind == "causal-lm":
+            from kdops.lm.student import load_lm_student
+
+            return load_lm_student(directory, device=device)
+        return load_student(directory, device=device)
 
     # -- aliases and the promotion ledger ----------------------------------------------------------
 

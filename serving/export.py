@@ -167,6 +167,8 @@ def export_student(artifact_dir: str | Path, repo: str | Path, name: str, versio
     """
     src = Path(artifact_dir)
     meta = read_meta(src)  # raises ArtifactError for a non-student directory
+    if meta.kind != "classifier":
+        raise ArtifactError(f"{src}: a {meta.kind} student; export it with export_lm_student (or export_artifact).")
     if not (src / "model.safetensors").is_file():
         raise ArtifactError(f"{src}: model.safetensors missing.")
     label = version_label or student_version_label(src, version)

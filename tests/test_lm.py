@@ -219,3 +219,39 @@ def test_config_validation():
         LMDistillConfig(alpha=1.5)
     with pytest.raises(ValueError, match="kd_mode"):
         LMDistillConfig(kd_mode="kl")
+
+
+def test_lm_gate_against_teacher_and_champion():
+    from kdops.gate import LMGateThresholds, gate_lm
+
+    th = LMGateThresholds(max_ppl_ratio=1.15, max_domain_ppl_increase=0.05, review_band=0.05)
+    cand = {"ppl_ratio": 1.10, "student_ppl/a": 10.0, "student_ppl/b": 20.0, "speedup": 3.0}
+    assert gate_lm(cand, None, th).action == "promote"
+    assert gate_lm({**cand, "ppl_ratio": 1.18}, None, th).action == "review"  # within the band
+    assert gate_lm({**cand, "ppl_ratio": 1.5}, None, th).action == "reject"
+    champ = {"student_ppl/a": 10.0, "student_ppl/b": 18.0}
+    d = gate_lm(cand, champ, th)  # b: 20/18 = 1.11 > 1.05 by more than the band
+    assert d.action == "reject" and any("student_ppl/b" in r for r in d.reasons)
+    assert gate_lm(cand, {**champ, "student_ppl/c": 5.0, "student_ppl/b": 20.0}, th).action == "reject"  # c missing
+    assert gate_lm(cand, {"student_ppl/a": 9.9}, th).action == "promote"  # 1 % worse: tolerated
+    assert gate_lm(cand, None, LMGateThresholds(min_speedup=2.5)).action == "promote"
+    assert gate_lm({"ppl_ratio": 1.0}, None, LMGateThresholds(min_speedup=2.5)).action == "reject"  # no speed
+    with pytest.raises(ValueError):
+        LMGateThresholds(max_ppl_ratio=0)
+
+
+def test_lm_artifact_is_told_apart_from_a_classifier(tmp_path):
+    from kdops.artifacts import load_student, read_meta
+    from serving.export import artifact_kind, export_artifact, export_student
+
+    d = save_lm_student(tmp_path / "s", LMStudent(tiny_llama(2), V), TinyTokenizer(), lineage={"teacher_id": "t"})
+    meta = read_meta(d)
+    assert meta.kind == "causal-lm" and len(meta.weights_sha256) == 64 and meta.lineage["teacher_id"] == "t"
+    assert artifact_kind(d) == "causal-lm"
+    with pytest.raises(ArtifactError, match="causal-lm"):
+        load_student(d)
+    with pytest.raises(ArtifactError, match="causal-lm"):
+        export_student(d, tmp_path / "repo", "m")
+    vdir = export_artifact(d, tmp_path / "repo", "g", 2)
+    text = (tmp_path / "repo" / "g" / "config.pbtxt").read_text()
+    assert "COMPLETION" in text and '"causal-lm"' in text and (vdir / "model.py").read_text().startswith('"""Triton Python-backend adapter for a kdops causal-LM')

@@ -183,6 +183,7 @@ class LMReport:
         }
         for dom, v in self.ppl_by_domain.items():
             out[f"ppl_ratio/{dom}"] = v["student"] / v["teacher"]
+            out[f"student_ppl/{dom}"] = v["student"]
         return out
 
     def to_dict(self) -> dict:

@@ -150,12 +150,15 @@ def prune_layers(teacher: nn.Module, layers: Sequence[int], keep_ids: Sequence[i
     """A student with ``layers`` of a Llama-family ``teacher`` (weights copied), optionally vocabulary-trimmed."""
     from transformers import AutoModelForCausalLM
 
+    from kdops.lm.teacher import drop_quantization
+
     tcfg = teacher.config
     L = tcfg.num_hidden_layers
     layers = list(layers)
     if not layers or max(layers) >= L or min(layers) < 0 or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct indices in [0, {L}); got {layers}.")
     cfg = tcfg.__class__.from_dict(tcfg.to_dict())
+    drop_quantization(cfg)
     cfg.num_hidden_layers = len(layers)
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [tcfg.layer_types[i] for i in layers]
@@ -219,7 +222,9 @@ def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineag
 
 def load_lm_student(directory: str | Path, device: str | torch.device = "cpu", verify: bool = True):
     """``(student, tokenizer, meta)``; raises ArtifactError with the reason if anything is missing or corrupt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kdops.lm.teacher import drop_quantization
 
     directory = Path(directory)
     try:
@@ -236,7 +241,9 @@ def load_lm_student(directory: str | Path, device: str | torch.device = "cpu", v
             raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt or was replaced.")
     try:
         keep = load_file(str(directory / VOCAB_MAP))["keep_ids"] if meta.get("trimmed_vocab") else None
-        model = AutoModelForCausalLM.from_pretrained(str(directory), use_safetensors=True)
+        config = AutoConfig.from_pretrained(str(directory))
+        drop_quantization(config)  # students saved before the teacher config was cleaned carry a GGUF marker
+        model = AutoModelForCausalLM.from_pretrained(str(directory), config=config, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise ArtifactError(f"{directory}: unusable LM student ({e}).") from e

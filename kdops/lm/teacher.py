@@ -54,6 +54,13 @@ class LMTeacher(Protocol):
 # Materialising a GGUF checkpoint as an ordinary safetensors model directory
 
 
+def drop_quantization(config) -> None:
+    """Forget a ``quantization_config`` (GGUF) a config inherited: transformers refuses to ``save_pretrained``
+    a model whose config says it is GGUF-quantised, even when its weights are plain float tensors."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
 def materialise_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF causal LM into ``out_dir`` (safetensors, config, tokenizer); reuse if up to date."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +77,7 @@ def materialise_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model = type(gguf_model)(gguf_model.config)
     model.load_state_dict(gguf_model.state_dict())
     model.config.tie_word_embeddings = bool(gguf_model.config.tie_word_embeddings)
+    drop_quantization(model.config)  # the weights are dequantised: a "gguf" marker would make copies unsavable
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))

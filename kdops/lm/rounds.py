@@ -1,0 +1,102 @@
+"""One causal-LM distillation round and its evaluation: what the LM flow, the CLI and bench/lm.py run.
+
+``run_lm_round``: carve a student from the teacher (first round) or continue the champion (later rounds),
+distil it on the new texts plus a replay sample of earlier ones (their teacher top-k are cache hits), and
+save it with lineage. ``evaluate_lm``: perplexity per domain for teacher and student, top-1 agreement and,
+optionally, generation speed and peak memory; returns an ``LMReport`` whose summary the LM gate reads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from kdops.lm.cache import LMSoftLabelCache
+from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
+from kdops.lm.evaluate import LMEvalConfig, LMReport, measure_generation, perplexity, top1_agreement
+from kdops.lm.student import corpus_vocabulary, load_lm_student, prune_layers, save_lm_student, select_layers
+from kdops.lm.teacher import HFCausalLMTeacher
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """How a first-round student is carved from the teacher (later rounds keep the champion's shape)."""
+
+    layers: int = field(default=10, metadata={"help": "Teacher decoder layers the student keeps."})
+    strategy: str = field(default="first_last", metadata={"help": "Which layers: first_last, first or even (kdops.lm.student.select_layers)."})
+    trim_vocab: int | None = field(default=8192, metadata={"help": "Keep the ids seen in the first round's text plus the first N ids (None: full vocabulary)."})
+
+    def __post_init__(self) -> None:
+        if self.layers < 1 or (self.trim_vocab is not None and self.trim_vocab < 0):
+            raise ValueError("layers must be >= 1 and trim_vocab >= 0 (or None).")
+
+
+@dataclass
+class LMRoundResult:
+    artifact: Path
+    history: list[dict]
+    info: dict  # cache stats, timings, layers, replay size
+
+
+def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Sequence[str], out_dir: str | Path,
+                 cfg: LMDistillConfig = LMDistillConfig(), shape: LMShape = LMShape(), max_length: int = 48,
+                 champion_dir: str | Path | None = None, replay_texts: Sequence[str] = (),
+                 lineage: Mapping | None = None, device: str = "cpu", progress: bool = True) -> LMRoundResult:
+    """Distil one round into ``out_dir`` (written atomically) and return where it went."""
+    t0 = time.perf_counter()
+    seqs = teacher.encode(list(texts), max_length)
+    if champion_dir is not None:
+        student, _, meta = load_lm_student(champion_dir, device=device)
+        layers = meta.get("lineage", {}).get("layers")
+    else:
+        keep = None
+        if shape.trim_vocab is not None:
+            keep = corpus_vocabulary(seqs, [teacher.start_id, teacher.eos_id, teacher.pad_id], shape.trim_vocab)
+        layers = select_layers(teacher.model.config.num_hidden_layers, shape.layers, shape.strategy)
+        student = prune_layers(teacher.model, layers, keep)
+    n_replay = int(round(len(seqs) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))) if replay_texts else 0
+    replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []
+    res = distill_round(student, teacher, cache, seqs, cfg, replay=replay, pad_id=teacher.pad_id, device=device,
+                        progress=progress)
+    lin = {"teacher_id": teacher.id, "layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
+           "parent_artifact": str(champion_dir) if champion_dir else None, "distill": res["config"],
+           "sequences": len(seqs), "replay": len(replay), "max_length": max_length, **(lineage or {})}
+    out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin)
+    info = {k: v for k, v in res.items() if k != "history"}
+    info.update(layers=layers, seconds=round(time.perf_counter() - t0, 1))
+    return LMRoundResult(Path(out), res["history"], info)
+
+
+def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_domain: Mapping[str, Sequence[str]],
+                max_length: int = 48, speed: bool = False, eval_cfg: LMEvalConfig = LMEvalConfig(),
+                device: str = "cpu") -> LMReport:
+    """Perplexity per domain (teacher and student on the same tokens), agreement, and optionally speed."""
+    student, _, _ = load_lm_student(student_dir, device=device)
+    by_domain, all_seqs = {}, []
+    t_tot, s_tot = {"nll": 0.0, "tokens": 0}, {"nll": 0.0, "tokens": 0}
+    for dom, texts in texts_by_domain.items():
+        seqs = teacher.encode(list(texts), max_length)
+        if not seqs:
+            continue
+        t, s = perplexity(teacher.model, seqs, teacher.pad_id), perplexity(student, seqs, teacher.pad_id)
+        by_domain[dom] = {"teacher": t["ppl"], "student": s["ppl"], "tokens": t["tokens"]}
+        for tot, r in ((t_tot, t), (s_tot, s)):
+            tot["nll"] += r["nll"] * r["tokens"]
+            tot["tokens"] += r["tokens"]
+        all_seqs += seqs
+    if not all_seqs:
+        raise ValueError("evaluate_lm needs at least one non-empty text.")
+    t_all = {"ppl": math.exp(t_tot["nll"] / max(1, t_tot["tokens"])), "tokens": t_tot["tokens"],
+             "params": teacher.num_parameters()}
+    s_all = {"ppl": math.exp(s_tot["nll"] / max(1, s_tot["tokens"])), "tokens": s_tot["tokens"],
+             "params": student.num_parameters()}
+    if speed:
+        prompts = [s[: eval_cfg.gen_prompt_tokens] for s in all_seqs[: eval_cfg.gen_prompts]]
+        t_all.update(measure_generation("teacher", teacher.directory, prompts, eval_cfg.max_new_tokens, device, eval_cfg.threads))
+        s_all.update(measure_generation("student", student_dir, prompts, eval_cfg.max_new_tokens, device, eval_cfg.threads))
+    agree = top1_agreement(teacher.model, student, all_seqs[:200], teacher.pad_id)
+    return LMReport(teacher=t_all, student=s_all, agreement_top1=agree,
+                    ppl_by_domain={d: {"teacher": v["teacher"], "student": v["student"]} for d, v in by_domain.items()})
