@@ -20,6 +20,7 @@ from kdops.artifacts import ArtifactError, file_sha256, read_meta
 
 TEMPLATE = Path(__file__).parent / "templates" / "model.py"
 LM_TEMPLATE = Path(__file__).parent / "templates" / "lm_model.py"
+LM_TEACHER_TEMPLATE = Path(__file__).parent / "templates" / "lm_teacher_model.py"
 # Files an artifact may contain; anything else (a .bin/.pt/.pkl pickle, caches) is left behind.
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken")
 WARMUP_TEXTS = ("this movie was good", "a terrible boring plot and a really awful actor")
@@ -235,6 +236,32 @@ def export_lm_student(artifact_dir: str | Path, repo: str | Path, name: str, ver
     if cfg.prediction_log_dir:
         params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
     return _write_model(Path(repo), name, version, src, model_config(name, cfg, LM_IO, params), LM_TEMPLATE)
+
+
+def export_lm_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: int = 1,
+                      cfg: ExportConfig = ExportConfig()) -> Path:
+    """Export a local causal LM (safetensors + tokenizer) as a remote LM teacher: token ids in, top-k next-token
+    log-probs (or greedy continuations) out. The client pads and batches itself (``max_batch_size: 0``):
+    sequences of one distillation batch have different lengths, which Triton's batcher would not merge."""
+    from kdops.lm.teacher import HFCausalLMTeacher
+
+    src = Path(hf_dir)
+    if not (src / "model.safetensors").is_file():
+        raise ArtifactError(f"{src}: an LM teacher must be saved as model.safetensors (pickle weights are refused).")
+    t = HFCausalLMTeacher(src)  # loads once here: a directory that cannot load is refused before export
+    params = {"kdops_kind": "lm-teacher", "kdops_teacher_id": t.id, "kdops_vocab_size": t.vocab_size,
+              "kdops_start_id": t.start_id, "kdops_pad_id": t.pad_id, "kdops_eos_id": -1 if t.eos_id is None else t.eos_id,
+              "kdops_torch_threads": cfg.torch_threads}
+    del t
+    gpus = f" gpus: [ {', '.join(map(str, cfg.gpus))} ]" if cfg.gpus and cfg.instance_kind == "KIND_GPU" else ""
+    ins = ", ".join([_tensor("IDS", "TYPE_INT64", "-1, -1"), _tensor("LENGTHS", "TYPE_INT64", "-1"),
+                     _tensor("K", "TYPE_INT32", 1), _tensor("MAX_NEW_TOKENS", "TYPE_INT32", 1)])
+    outs = ", ".join([_tensor("TOPK_IDS", "TYPE_INT32", "-1, -1, -1"), _tensor("TOPK_LOGPROBS", "TYPE_FP32", "-1, -1, -1"),
+                      _tensor("GENERATED", "TYPE_INT64", "-1, -1")])
+    text = "\n".join([f'name: "{name}"', 'backend: "python"', "max_batch_size: 0", f"input [ {ins} ]", f"output [ {outs} ]",
+                      f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind}{gpus} }} ]",
+                      _params(params)]) + "\n"
+    return _write_model(Path(repo), name, version, src, text, LM_TEACHER_TEMPLATE)
 
 
 def version_label(artifact_dir: str | Path, version: int) -> str:

@@ -1,7 +1,11 @@
-"""A teacher served by Triton, behind the kdops ``Teacher`` protocol (``id``, ``label_names``, ``logits``).
+"""Teachers served by Triton, behind the kdops teacher protocols.
 
-An expensive teacher (a large HF sequence classifier) is exported with ``serving.export.export_teacher``
-and served like a student; distillation then asks it for logits over HTTP in batches.
+- ``TritonTeacher`` (``Teacher``: ``id``, ``label_names``, ``logits``): an HF sequence classifier exported with
+  ``serving.export.export_teacher``; distillation asks it for logits over HTTP in batches.
+- ``TritonLMTeacher`` (``kdops.lm.teacher.LMTeacher``: ``id``, ``vocab_size``, ``encode``, ``topk``,
+  ``generate``): a causal LM exported with ``export_lm_teacher``; it returns top-k next-token log-probs, so
+  the LM top-k cache and ``distill_round`` use it exactly like a local teacher (same ``id``, same cache rows).
+  Tokenising happens here, with the teacher's tokenizer files (a student built from a config needs them anyway).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import json
 import numpy as np
 
 from serving.client import ServingClient
-from serving.export import ExportConfig, export_teacher
+from serving.export import ExportConfig, export_lm_teacher, export_teacher
 
 
 class TritonTeacher:
@@ -44,5 +48,87 @@ def deploy_teacher(server_or_client, hf_dir, name: str, repo=None, version: int 
 
     client, server_repo = _as_client(server_or_client)
     export_teacher(hf_dir, Path(repo or server_repo), name, version, cfg)
+    client.load(name)
+    return name
+
+
+class TritonLMTeacher:
+    """``LMTeacher`` over a Triton model exported by ``export_lm_teacher``."""
+
+    def __init__(self, url: str, model_name: str, tokenizer_dir=None, batch_size: int = 16, timeout_s: float = 300.0):
+        self.client = ServingClient(url, timeout_s=timeout_s)
+        self.model_name, self.batch_size = model_name, batch_size
+        cfg = self.client.model_config(model_name)
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        if params.get("kdops_kind") != "lm-teacher":
+            raise ValueError(f"{model_name} is not a kdops LM teacher (kdops_kind={params.get('kdops_kind')!r})")
+        self.id = params["kdops_teacher_id"]
+        self.vocab_size = int(params["kdops_vocab_size"])
+        self.start_id, self.pad_id = int(params["kdops_start_id"]), int(params["kdops_pad_id"])
+        eos = int(params["kdops_eos_id"])
+        self.eos_id = None if eos < 0 else eos
+        self.tokenizer = None
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+    def encode(self, texts, max_length: int = 64) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("TritonLMTeacher.encode needs tokenizer_dir (the teacher's tokenizer files).")
+        from kdops.lm.teacher import encode_texts
+
+        return encode_texts(self.tokenizer, self.start_id, texts, max_length)
+
+    def _call(self, seqs: list[list[int]], k: int, new: int) -> dict[str, np.ndarray]:
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        from serving.client import ServingError
+
+        T = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), T), self.pad_id, np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+        arrays = [("IDS", "INT64", ids), ("LENGTHS", "INT64", np.array([len(s) for s in seqs], np.int64)),
+                  ("K", "INT32", np.array([k], np.int32)), ("MAX_NEW_TOKENS", "INT32", np.array([new], np.int32))]
+        inputs = []
+        for name, dtype, arr in arrays:
+            inp = httpclient.InferInput(name, list(arr.shape), dtype)
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        try:
+            res = self.client.http.infer(self.model_name, inputs)
+        except InferenceServerException as e:
+            raise ServingError(f"{self.model_name}: {e}") from e
+        return {n: res.as_numpy(n) for n in ("TOPK_IDS", "TOPK_LOGPROBS", "GENERATED")}
+
+    def topk(self, sequences, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        seqs = [self.encode([s])[0] if isinstance(s, str) else list(s) for s in sequences]
+        out = []
+        for s in range(0, len(seqs), self.batch_size):
+            part = seqs[s:s + self.batch_size]
+            got = self._call(part, k, 0)
+            out += [(got["TOPK_IDS"][i, : len(q) - 1].copy(), got["TOPK_LOGPROBS"][i, : len(q) - 1].copy())
+                    for i, q in enumerate(part)]
+        return out
+
+    def generate(self, prompts, max_new_tokens: int) -> list[list[int]]:
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            gen = self._call([list(p) for p in prompts[s:s + self.batch_size]], 1, max_new_tokens)["GENERATED"]
+            out += [[int(x) for x in row if x >= 0] for row in gen]
+        return out
+
+
+def deploy_lm_teacher(server_or_client, hf_dir, name: str, repo=None, version: int = 1,
+                      cfg: ExportConfig = ExportConfig()) -> str:
+    """Export a causal-LM directory as a remote LM teacher and load it; returns the model name."""
+    from pathlib import Path
+
+    from serving.swap import _as_client
+
+    client, server_repo = _as_client(server_or_client)
+    export_lm_teacher(hf_dir, Path(repo or server_repo), name, version, cfg)
     client.load(name)
     return name

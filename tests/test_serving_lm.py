@@ -158,3 +158,37 @@ def test_prompts_are_logged_and_monitored_for_drift(lm_served):
         assert {r.name.split(".")[0] for r in res.results} == {"text"}  # text checks only: no probabilities
     assert verdicts["same"] == "ok" and verdicts["other"] != "ok"
     assert (root / "mon-other" / "reports").is_dir()
+
+
+def test_remote_lm_teacher_matches_local_and_shares_the_cache(lm_served, tmp_path, tiny_lm_tokenizer):
+    """A causal-LM teacher behind Triton gives the local teacher's top-k and generations, under the same id,
+    so a top-k cache filled by one is a cache hit for the other."""
+    from kdops.lm.cache import LMSoftLabelCache
+    from kdops.lm.teacher import HFCausalLMTeacher
+    from serving.client import ServingError
+    from serving.teacher import TritonLMTeacher, deploy_lm_teacher
+    from tests.conftest import make_tiny_lm
+
+    server = lm_served[0]
+    hf_dir = tmp_path / "lm-teacher"
+    make_tiny_lm(len(tiny_lm_tokenizer), layers=3, seed=7).save_pretrained(str(hf_dir))
+    tiny_lm_tokenizer.save_pretrained(str(hf_dir))
+    deploy_lm_teacher(server, hf_dir, "lmteacher")
+    local, remote = HFCausalLMTeacher(hf_dir), TritonLMTeacher(server.url, "lmteacher", tokenizer_dir=hf_dir, batch_size=3)
+    assert remote.id == local.id and remote.vocab_size == local.vocab_size
+    seqs = local.encode(["the movie was good", "a bad plot", "what is the city ?", "the actor", "fun"], 16)
+    assert remote.encode(["the movie was good"], 16) == seqs[:1]
+    for (ri, rl), (li, ll) in zip(remote.topk(seqs, 4), local.topk(seqs, 4)):
+        assert ri.shape == li.shape == (len(rl), 4)
+        np.testing.assert_array_equal(ri, li)
+        np.testing.assert_allclose(rl, ll, atol=1e-5)
+    prompts = [s[:3] for s in seqs]
+    assert remote.generate(prompts, 5) == local.generate(prompts, 5)
+    cache = LMSoftLabelCache(tmp_path / "lm.sqlite")
+    cache.get_or_compute_topk(remote, seqs, 4)
+    cache.get_or_compute_topk(local, seqs, 4)
+    assert cache.stats.hits == len(seqs)  # the local teacher found the remote one's rows
+    bad = [[local.vocab_size + 5, 1]]
+    with pytest.raises(ServingError, match="vocabulary"):
+        remote.topk(bad, 4)
+    assert len(remote.topk(seqs[:1], 2)) == 1  # still serving
