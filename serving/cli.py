@@ -122,3 +122,17 @@ def status_cmd(repository: Path = RepoOption, model: str = ModelOption, url: str
     typer.echo(json.dumps(serving_status(_client(url, grpc_url, admin_key), model, repository), indent=2, default=str))
 
 
+
+
+@app.command("generate")
+def generate_cmd(prompts: list[str] = typer.Argument(..., help="One or more prompts."), model: str = ModelOption,
+                 url: str = UrlOption,
+                 max_tokens: int = typer.Option(None, "--max-tokens", help="New tokens per prompt (default: the model's)."),
+                 temperature: float = typer.Option(None, "--temperature", help="0 = greedy (default); > 0 samples.")) -> None:
+    """Ask a served generation model (a causal-LM student) for continuations; prints JSON lines."""
+    try:
+        out = _client(url, None, None).generate(model, prompts, max_tokens, temperature)
+    except Exception as e:
+        _fail(e)
+    for p, text, n, v in zip(prompts, out.texts, out.tokens, out.versions):
+        typer.echo(json.dumps({"prompt": p, "completion": text, "tokens": n, "model_version": v}))

@@ -192,3 +192,22 @@ def test_remote_lm_teacher_matches_local_and_shares_the_cache(lm_served, tmp_pat
     with pytest.raises(ServingError, match="vocabulary"):
         remote.topk(bad, 4)
     assert len(remote.topk(seqs[:1], 2)) == 1  # still serving
+
+
+def test_cli_generate_prints_served_completions(lm_served, tiny_lm_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kdops.lm.predict import LMGenerator
+    from serving.cli import app
+
+    server = lm_served[0]
+    res = CliRunner().invoke(app, ["generate", "this movie was good", "the plot", "--model", "gen", "--url", server.url,
+                                   "--max-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.strip().splitlines()]
+    local = LMGenerator.from_dir(tiny_lm_dir).generate(["this movie was good", "the plot"], 3, 0.0)
+    assert [r["completion"] for r in rows] == [g.text for g in local] and all(r["tokens"] <= 3 for r in rows)
+    bad = CliRunner().invoke(app, ["generate", "  ", "--model", "gen", "--url", server.url])
+    assert bad.exit_code == 1 and "empty" in bad.output
