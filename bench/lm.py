@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from kdops import corpora
     from kdops.lm.cache import LMSoftLabelCache
-    from kdops.lm.distill import LMDistillConfig, distill_round
-    from kdops.lm.evaluate import LMEvalConfig, LMReport, measure_generation, perplexity, top1_agreement
-    from kdops.lm.student import corpus_vocabulary, prune_layers, save_lm_student, select_layers
+    from kdops.lm.distill import LMDistillConfig
+    from kdops.lm.evaluate import LMEvalConfig
+    from kdops.lm.rounds import LMShape, evaluate_lm, run_lm_round
     from kdops.lm.teacher import HFCausalLMTeacher, smollm2_dir
     from kdops.paths import home, subdir
 
@@ -67,52 +67,35 @@ def main(argv: list[str] | None = None) -> dict:
     train = corpora.load("sentiment", split="train", domains=("movie",)).rows.sample(
         n=args.train_sentences, random_state=args.seed)
     test = corpora.load("sentiment", split="test", domains=("movie",)).rows.head(args.eval_sentences)
-    train_seqs = teacher.encode(train["text"].tolist(), args.max_length)
-    test_seqs = teacher.encode(test["text"].tolist(), args.max_length)
-
-    keep = None
-    if args.trim_vocab is not None:
-        keep = corpus_vocabulary(train_seqs, [teacher.start_id, teacher.eos_id, teacher.pad_id], args.trim_vocab)
-    layers = select_layers(teacher.model.config.num_hidden_layers, args.layers, args.strategy)
-    student = prune_layers(teacher.model, layers, keep)
-
-    cache = LMSoftLabelCache(home() / "lm_soft_labels.sqlite")
     cfg = LMDistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                           kd_mode=args.kd_mode, topk=args.topk, seq_kd_weight=args.seq_kd_weight, seed=args.seed,
                           freeze_embeddings=args.freeze_embeddings)
-    round_ = distill_round(student, teacher, cache, train_seqs, cfg, pad_id=teacher.pad_id, device=args.device)
-    sdir = save_lm_student(subdir("students") / "smollm2-movie-lm", student, teacher.tokenizer,
-                           lineage={"teacher_id": teacher.id, "layers": layers, "trim_vocab": args.trim_vocab,
-                                    "train_sentences": len(train_seqs), "distill": round_["config"]})
-
-    t_ppl = perplexity(teacher.model, test_seqs, teacher.pad_id)
-    s_ppl = perplexity(student, test_seqs, teacher.pad_id)
-    agree = top1_agreement(teacher.model, student, test_seqs, teacher.pad_id)
-    ecfg = LMEvalConfig(threads=args.speed_threads)
-    prompts = [s[: ecfg.gen_prompt_tokens] for s in test_seqs[: ecfg.gen_prompts]]
-    t_speed = measure_generation("teacher", tdir, prompts, ecfg.max_new_tokens, args.device, ecfg.threads)
-    s_speed = measure_generation("student", sdir, prompts, ecfg.max_new_tokens, args.device, ecfg.threads)
-    report = LMReport(teacher={**t_ppl, **t_speed, "params": teacher.num_parameters()},
-                      student={**s_ppl, **s_speed, "params": student.num_parameters()}, agreement_top1=agree,
-                      ppl_by_domain={"movie": {"teacher": t_ppl["ppl"], "student": s_ppl["ppl"]}})
+    shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab)
+    # The same round and evaluation the LM flow runs (kdops.lm.rounds); only the data choice is the bench's.
+    round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(),
+                          subdir("students") / "smollm2-movie-lm", cfg, shape, args.max_length, device=args.device,
+                          lineage={"train_sentences": len(train)})
+    sdir, layers = round_.artifact, round_.info["layers"]
+    report = evaluate_lm(sdir, teacher, {"movie": test["text"].tolist()}, args.max_length, speed=True,
+                         eval_cfg=LMEvalConfig(threads=args.speed_threads), device=args.device)
     summary = report.summary()
     summary["targets_met"] = {"params<=0.40": summary["param_ratio"] <= 0.40, "ppl_ratio<=1.15": summary["ppl_ratio"] <= 1.15,
                               "speedup>=2.5": summary["speedup"] >= 2.5}
-    out = {**summary, "layers": layers, "args": vars(args), "round": {k: v for k, v in round_.items() if k != "history"},
-           "loss_first_last": [round_["history"][0], round_["history"][-1]], "report": report.to_dict(),
+    out = {**summary, "layers": layers, "args": vars(args), "round": round_.info,
+           "loss_first_last": [round_.history[0], round_.history[-1]], "report": report.to_dict(),
            "student_dir": str(sdir), "seconds": round(time.time() - t_start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str))
 
-    rows = [("perplexity (movie test)", t_ppl["ppl"], s_ppl["ppl"], summary["ppl_ratio"]),
-            ("generation tokens/s", t_speed["tokens_per_s"], s_speed["tokens_per_s"], summary["speedup"]),
-            ("parameters (M)", teacher.num_parameters() / 1e6, student.num_parameters() / 1e6, summary["param_ratio"]),
-            ("peak memory (MB)", t_speed["peak_mem_mb"], s_speed["peak_mem_mb"],
-             s_speed["peak_mem_mb"] / max(t_speed["peak_mem_mb"], 1e-9))]
+    t, st = report.teacher, report.student
+    rows = [("perplexity (movie test)", t["ppl"], st["ppl"], summary["ppl_ratio"]),
+            ("generation tokens/s", t["tokens_per_s"], st["tokens_per_s"], summary["speedup"]),
+            ("parameters (M)", t["params"] / 1e6, st["params"] / 1e6, summary["param_ratio"]),
+            ("peak memory (MB)", t["peak_mem_mb"], st["peak_mem_mb"], st["peak_mem_mb"] / max(t["peak_mem_mb"], 1e-9))]
     print(f"\n{'metric':<26}{'teacher':>12}{'student':>12}{'student/teacher':>18}")
     for name, t, s, r in rows:
         print(f"{name:<26}{t:>12.2f}{s:>12.2f}{r:>18.3f}")
-    print(f"top-1 agreement {agree:.3f}; layers {layers}; targets {summary['targets_met']}; {out['seconds']:.0f} s")
+    print(f"top-1 agreement {report.agreement_top1:.3f}; layers {layers}; targets {summary['targets_met']}; {out['seconds']:.0f} s")
     return out
 
 
