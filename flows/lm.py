@@ -19,8 +19,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.loop import promote_flow
-from flows.tasks import LoopContext, open_review
+from flows.loop import act_on_decision
+from flows.tasks import LoopContext
 from kdops.data import Snapshot
 from kdops.gate import Decision, LMGateThresholds, gate_lm
 from kdops.lm.distill import LMDistillConfig
@@ -141,12 +141,6 @@ def distill_lm_flow(ctx: LoopContext, train_id: str, eval_id: str, cfg: LMDistil
     # perplexities included.
     short = {k: v for k, v in summary.items()
              if k in ("ppl_ratio", "student_ppl", "teacher_ppl", "param_ratio", "speedup") or k.startswith("student_ppl/")}
-    if decision.action == "promote" and deploy:
-        out["promotion"] = promote_flow(ctx, version, info["artifact"], "; ".join(decision.reasons), short,
-                                        champion["artifact"] if champion else None)
-    elif decision.action == "review":
-        out["review_id"] = open_review(ctx, "candidate", {"version": version, "summary": short, "artifact": info["artifact"],
-                                                          "previous_artifact": champion["artifact"] if champion else None},
-                                       "; ".join(decision.reasons))
+    out.update(act_on_decision(ctx, decision, version, info["artifact"], short, champion, deploy))
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -66,15 +66,23 @@ def distill_flow(ctx: LoopContext, train_id: str, eval_id: str,
            "distill": {k: v for k, v in info.items() if k != "history"}, "train_snapshot": train_id}
     summary = {"retention": report["retention"], "accuracy": report["overall"]["accuracy"],
                "per_domain": {k: v["accuracy"] for k, v in report["per_domain"].items()}}
-    if decision.action == "promote" and deploy:
-        out["promotion"] = promote_flow(ctx, version, info["artifact"], "; ".join(decision.reasons), summary,
-                                        champion["artifact"] if champion else None)
-    elif decision.action == "review":
-        out["review_id"] = open_review(ctx, "candidate", {"version": version, "summary": summary, "artifact": info["artifact"],
-                                                          "previous_artifact": champion["artifact"] if champion else None},
-                                       "; ".join(decision.reasons))
+    out.update(act_on_decision(ctx, decision, version, info["artifact"], summary, champion, deploy))
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def act_on_decision(ctx: LoopContext, decision, version: int, artifact: str, summary: dict, champion: dict | None,
+                    deploy: bool) -> dict:
+    """The gate's verdict carried out: ``promote`` runs ``promote_flow`` (when deploying), ``review`` opens a case
+    for a person, ``reject`` does nothing (the champion keeps serving). Returns what to add to the flow's result."""
+    previous = champion["artifact"] if champion else None
+    reason = "; ".join(decision.reasons)
+    if decision.action == "promote" and deploy:
+        return {"promotion": promote_flow(ctx, version, artifact, reason, summary, previous)}
+    if decision.action == "review":
+        payload = {"version": version, "summary": summary, "artifact": artifact, "previous_artifact": previous}
+        return {"review_id": open_review(ctx, "candidate", payload, reason)}
+    return {}
 
 
 @flow(name="monitor_flow")

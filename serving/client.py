@@ -69,17 +69,27 @@ class ServingClient:
         return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
 
     # -- inference ---------------------------------------------------------------------------
-    def infer(self, model: str, texts: list[str], version: str = "") -> ServedPredictions:
+    def infer_arrays(self, model: str, arrays: list[tuple[str, str, np.ndarray]], version: str = ""):
+        """One HTTP inference with ``(input name, Triton dtype, array)`` inputs; the tritonclient result."""
         import tritonclient.http as httpclient
         from tritonclient.utils import InferenceServerException
 
-        arr = np.array([[t.encode("utf-8") if isinstance(t, str) else t] for t in texts], dtype=object)
-        inp = httpclient.InferInput("TEXT", list(arr.shape), "BYTES")
-        inp.set_data_from_numpy(arr)
+        inputs = []
+        for name, dtype, arr in arrays:
+            inp = httpclient.InferInput(name, list(arr.shape), dtype)
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
         try:
-            res = self.http.infer(model, [inp], model_version=version)
+            return self.http.infer(model, inputs, model_version=version)
         except InferenceServerException as e:
             raise ServingError(f"{model}: {e.message() if hasattr(e, 'message') else e}") from e
+
+    @staticmethod
+    def _strings(values) -> np.ndarray:
+        return np.array([[v.encode("utf-8") if isinstance(v, str) else v] for v in values], dtype=object)
+
+    def infer(self, model: str, texts: list[str], version: str = "") -> ServedPredictions:
+        res = self.infer_arrays(model, [("TEXT", "BYTES", self._strings(texts))], version)
         names = {o["name"] for o in res.get_response()["outputs"]}
         scores = res.as_numpy("PROBABILITIES" if "PROBABILITIES" in names else "LOGITS")
         labels = [x.decode() for x in res.as_numpy("LABEL").reshape(-1)]
@@ -90,24 +100,13 @@ class ServingClient:
     def generate(self, model: str, prompts: list[str], max_tokens: int | None = None,
                  temperature: float | None = None, version: str = "") -> ServedGenerations:
         """Continuations from a generation model; ``None`` leaves an input out (the model's default)."""
-        import tritonclient.http as httpclient
-        from tritonclient.utils import InferenceServerException
-
         n = len(prompts)
-        arrays = [("PROMPT", "BYTES", np.array([[p.encode("utf-8") if isinstance(p, str) else p] for p in prompts], object))]
+        arrays = [("PROMPT", "BYTES", self._strings(prompts))]
         if max_tokens is not None:
             arrays.append(("MAX_TOKENS", "INT32", np.full((n, 1), max_tokens, np.int32)))
         if temperature is not None:
             arrays.append(("TEMPERATURE", "FP32", np.full((n, 1), temperature, np.float32)))
-        inputs = []
-        for name, dtype, arr in arrays:
-            inp = httpclient.InferInput(name, list(arr.shape), dtype)
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-        try:
-            res = self.http.infer(model, inputs, model_version=version)
-        except InferenceServerException as e:
-            raise ServingError(f"{model}: {e.message() if hasattr(e, 'message') else e}") from e
+        res = self.infer_arrays(model, arrays, version)
         return ServedGenerations([x.decode("utf-8") for x in res.as_numpy("COMPLETION").reshape(-1)],
                                  [int(x) for x in res.as_numpy("TOKENS").reshape(-1)],
                                  [x.decode() for x in res.as_numpy("MODEL_VERSION").reshape(-1)])

@@ -39,17 +39,21 @@ class TritonTeacher:
         return out
 
 
-def deploy_teacher(server_or_client, hf_dir, name: str, repo=None, version: int = 1,
-                   cfg: ExportConfig = ExportConfig()) -> str:
-    """Export an HF classifier dir into the repository and load it; returns the model name."""
+def _deploy(export, server_or_client, hf_dir, name: str, repo, version: int, cfg: ExportConfig) -> str:
     from pathlib import Path
 
     from serving.swap import _as_client
 
     client, server_repo = _as_client(server_or_client)
-    export_teacher(hf_dir, Path(repo or server_repo), name, version, cfg)
+    export(hf_dir, Path(repo or server_repo), name, version, cfg)
     client.load(name)
     return name
+
+
+def deploy_teacher(server_or_client, hf_dir, name: str, repo=None, version: int = 1,
+                   cfg: ExportConfig = ExportConfig()) -> str:
+    """Export an HF classifier dir into the repository and load it; returns the model name."""
+    return _deploy(export_teacher, server_or_client, hf_dir, name, repo, version, cfg)
 
 
 class TritonLMTeacher:
@@ -81,26 +85,13 @@ class TritonLMTeacher:
         return encode_texts(self.tokenizer, self.start_id, texts, max_length)
 
     def _call(self, seqs: list[list[int]], k: int, new: int) -> dict[str, np.ndarray]:
-        import tritonclient.http as httpclient
-        from tritonclient.utils import InferenceServerException
-
-        from serving.client import ServingError
-
         T = max(len(s) for s in seqs)
         ids = np.full((len(seqs), T), self.pad_id, np.int64)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
-        arrays = [("IDS", "INT64", ids), ("LENGTHS", "INT64", np.array([len(s) for s in seqs], np.int64)),
-                  ("K", "INT32", np.array([k], np.int32)), ("MAX_NEW_TOKENS", "INT32", np.array([new], np.int32))]
-        inputs = []
-        for name, dtype, arr in arrays:
-            inp = httpclient.InferInput(name, list(arr.shape), dtype)
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-        try:
-            res = self.client.http.infer(self.model_name, inputs)
-        except InferenceServerException as e:
-            raise ServingError(f"{self.model_name}: {e}") from e
+        res = self.client.infer_arrays(self.model_name, [
+            ("IDS", "INT64", ids), ("LENGTHS", "INT64", np.array([len(s) for s in seqs], np.int64)),
+            ("K", "INT32", np.array([k], np.int32)), ("MAX_NEW_TOKENS", "INT32", np.array([new], np.int32))])
         return {n: res.as_numpy(n) for n in ("TOPK_IDS", "TOPK_LOGPROBS", "GENERATED")}
 
     def topk(self, sequences, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -124,11 +115,4 @@ class TritonLMTeacher:
 def deploy_lm_teacher(server_or_client, hf_dir, name: str, repo=None, version: int = 1,
                       cfg: ExportConfig = ExportConfig()) -> str:
     """Export a causal-LM directory as a remote LM teacher and load it; returns the model name."""
-    from pathlib import Path
-
-    from serving.swap import _as_client
-
-    client, server_repo = _as_client(server_or_client)
-    export_lm_teacher(hf_dir, Path(repo or server_repo), name, version, cfg)
-    client.load(name)
-    return name
+    return _deploy(export_lm_teacher, server_or_client, hf_dir, name, repo, version, cfg)
