@@ -120,3 +120,10 @@ def tiny_lm_tokenizer(tmp_path_factory):
 def tiny_lm_dir(tmp_path_factory, tiny_lm_tokenizer) -> Path:
     """A saved causal-LM student artifact (2 layers, random weights, the word-level tokenizer)."""
     return save_tiny_lm_student(tmp_path_factory.mktemp("lmstudents") / "tiny-lm", tiny_lm_tokenizer)
+
+
+def serving_client(server, key: bool = True):
+    """A ServingClient for a test's TritonServer, with its admin key (``key=False``: an anonymous client)."""
+    from serving.client import ServingClient
+
+    return ServingClient(server.url, server.admin_key if key else "", grpc_url=server.grpc_url)

@@ -37,10 +37,7 @@ def lm_served(tmp_path_factory, tiny_lm_dir):
         yield server, cfg, first, root
 
 
-def _client(server, key=True):
-    from serving.client import ServingClient
-
-    return ServingClient(server.url, server.admin_key if key else "", grpc_url=server.grpc_url)
+from tests.conftest import serving_client as _client  # noqa: E402
 
 
 def test_generation_matches_local_and_honours_inputs(lm_served, tiny_lm_dir):

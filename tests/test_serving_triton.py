@@ -42,10 +42,7 @@ def served(tmp_path_factory, tiny_student_dir):
         yield server, cfg, first, root
 
 
-def _client(server, key=True):
-    from serving.client import ServingClient
-
-    return ServingClient(server.url, server.admin_key if key else "", grpc_url=server.grpc_url)
+from tests.conftest import serving_client as _client  # noqa: E402
 
 
 def test_infer_matches_local_predictor(served, tiny_student_dir):
