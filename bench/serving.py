@@ -74,13 +74,15 @@ def pct(lat, q):
     return round(float(np.percentile(lat, q) * 1000), 2) if len(lat) else None
 
 
-def phase_maxima(timeline, phases) -> dict:
+def phase_maxima(timeline, phases, per_swap: list | None = None) -> dict:
     """Worst latency (ms) of requests that were in flight during each phase of the swaps (export, load,
-    smoke, switch, drain + unload): where a swap hurts clients, if it does."""
+    smoke, switch, drain + unload): where a swap hurts clients, if it does. ``per_swap`` (a list) receives
+    each swap's own maxima, to tell one outlier from a pattern."""
     starts, lat = timeline
     ends = starts + lat
     worst: dict[str, float] = {}
     for m0, t in phases:
+        mine: dict[str, float] = {}
         a_switch = m0 + t["export"] + t["load"] + t.get("smoke", 0.0)
         spans = {"export": (m0, m0 + t["export"]), "load": (m0 + t["export"], m0 + t["export"] + t["load"]),
                  "smoke": (m0 + t["export"] + t["load"], a_switch), "switch": (a_switch, a_switch + t["switch"]),
@@ -88,7 +90,10 @@ def phase_maxima(timeline, phases) -> dict:
         for name, (a, b) in spans.items():
             m = (starts <= b) & (ends >= a)
             if m.any():
-                worst[name] = max(worst.get(name, 0.0), float(lat[m].max() * 1000))
+                mine[name] = round(float(lat[m].max() * 1000), 1)
+                worst[name] = max(worst.get(name, 0.0), mine[name])
+        if per_swap is not None:
+            per_swap.append(mine)
     return {k: round(v, 1) for k, v in worst.items()}
 
 
@@ -213,7 +218,11 @@ def main() -> None:
                    rss_kb_before=rss0, rss_kb_after=rss1, rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
         res["swap_max_over_steady_p99"] = round(res["swap_max_latency_ms"] / res["steady_p99_ms"], 2)
         if CLIENT.get("timeline") is not None:
-            res["swap_phase_max_latency_ms"] = phase_maxima(CLIENT["timeline"], phases)
+            per_swap: list = []
+            res["swap_phase_max_latency_ms"] = phase_maxima(CLIENT["timeline"], phases, per_swap)
+            res["swap_phase_max_latency_ms_per_swap"] = per_swap
+            limit = 3 * res["steady_p99_ms"]
+            res["swaps_over_3x_steady_p99"] = sum(1 for m in per_swap if m and max(m.values()) > limit)
     print(f"{'load':<22}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:
         print(f"{r[0]:<22}{r[1]:>9.1f}{r[2]:>9}{r[3]:>9}{r[4]:>9}{r[5]:>8}")
