@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Where to write the JSON report.")
     ap.add_argument("--layers", type=int, default=7, help="Teacher layers the student keeps (of 30).")
-    ap.add_argument("--strategy", default="first_last", choices=["first_last", "first", "even"])
+    ap.add_argument("--strategy", default="influence", choices=["influence", "first_last", "first", "even"],
+                    help="Which teacher layers to keep (influence: the most influential on the training text).")
     ap.add_argument("--trim-vocab", type=int, default=None,
                     help="Trim the vocabulary to ids seen in training + the first N ids (off by default).")
     ap.add_argument("--train-sentences", type=int, default=500, help="Movie train sentences (seeded sample).")

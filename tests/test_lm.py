@@ -13,7 +13,8 @@ from kdops.artifacts import ArtifactError
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import LMReport, perplexity, top1_agreement
-from kdops.lm.student import LMStudent, load_lm_student, prune_layers, save_lm_student, select_layers
+from kdops.lm.student import (LMStudent, layer_influence, load_lm_student, prune_layers, save_lm_student,
+                               select_by_influence, select_layers)
 from kdops.lm.teacher import HFCausalLMTeacher, LMTeacher, greedy_generate, pad_batch
 
 V = 100
@@ -255,3 +256,15 @@ def test_lm_artifact_is_told_apart_from_a_classifier(tmp_path):
     vdir = export_artifact(d, tmp_path / "repo", "g", 2)
     text = (tmp_path / "repo" / "g" / "config.pbtxt").read_text()
     assert "COMPLETION" in text and '"causal-lm"' in text and (vdir / "model.py").read_text().startswith('"""Triton Python-backend adapter for a kdops causal-LM')
+
+
+def test_layer_influence_keeps_the_layers_that_change_the_hidden_state():
+    teacher = tiny_llama(4)
+    with torch.no_grad():  # make layer 2 an identity: zero its attention and MLP output projections
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    infl = layer_influence(teacher, sequences(8), pad_id=0)
+    assert len(infl) == 4 and abs(infl[2]) < 1e-5 and min(infl[1], infl[3]) > 1e-3
+    assert select_by_influence(infl, 3) == [0, 1, 3]
+    with pytest.raises(ValueError):
+        select_by_influence(infl, 1)

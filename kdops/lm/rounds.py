@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import LMEvalConfig, LMReport, measure_generation, perplexity, top1_agreement
-from kdops.lm.student import corpus_vocabulary, load_lm_student, prune_layers, save_lm_student, select_layers
+from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, save_lm_student,
+                               select_by_influence, select_layers)
 from kdops.lm.teacher import HFCausalLMTeacher
 
 
@@ -26,12 +27,14 @@ class LMShape:
     """How a first-round student is carved from the teacher (later rounds keep the champion's shape)."""
 
     layers: int = field(default=10, metadata={"help": "Teacher decoder layers the student keeps."})
-    strategy: str = field(default="first_last", metadata={"help": "Which layers: first_last, first or even (kdops.lm.student.select_layers)."})
+    strategy: str = field(default="influence", metadata={"help": "Which layers: influence (the most influential on the round's text, kdops.lm.student.layer_influence), first_last, first or even."})
     trim_vocab: int | None = field(default=8192, metadata={"help": "Keep the ids seen in the first round's text plus the first N ids (None: full vocabulary)."})
 
     def __post_init__(self) -> None:
         if self.layers < 1 or (self.trim_vocab is not None and self.trim_vocab < 0):
             raise ValueError("layers must be >= 1 and trim_vocab >= 0 (or None).")
+        if self.strategy not in ("influence", "first_last", "first", "even"):
+            raise ValueError(f"strategy must be influence, first_last, first or even; got {self.strategy!r}.")
 
 
 @dataclass
@@ -55,7 +58,11 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
         keep = None
         if shape.trim_vocab is not None:
             keep = corpus_vocabulary(seqs, [teacher.start_id, teacher.eos_id, teacher.pad_id], shape.trim_vocab)
-        layers = select_layers(teacher.model.config.num_hidden_layers, shape.layers, shape.strategy)
+        if shape.strategy == "influence":
+            sample = replay_sample(seqs, 128, cfg.seed)  # a seeded calibration sample of the round's text
+            layers = select_by_influence(layer_influence(teacher.model, sample, teacher.pad_id), shape.layers)
+        else:
+            layers = select_layers(teacher.model.config.num_hidden_layers, shape.layers, shape.strategy)
         student = prune_layers(teacher.model, layers, keep)
     n_replay = int(round(len(seqs) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))) if replay_texts else 0
     replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []

@@ -1,8 +1,10 @@
 """Stage 3 (LM): causal-LM students, carved from a Llama-family teacher or built from a smaller config.
 
-- ``prune_layers``: keep a subset of the teacher's decoder layers (evenly spaced, the first N, or the first
+- ``prune_layers``: keep a subset of the teacher's decoder layers (evenly spaced, the first N, the first
   N-1 plus the last: Gromov et al. 2024 find deep Llama layers the most redundant, and the top layer the
-  one whose removal hurts most), with every kept weight copied unchanged.
+  one whose removal hurts most; or, measured, the most influential ones, ``layer_influence``), with every
+  kept weight copied unchanged. On SmolLM2-135M keeping 10 of 30 layers by influence started at perplexity
+  9.4e3 on held-out movie sentences before any training, first-9-plus-last at 2.7e8 (``/tmp`` probe, 60 sentences).
 - Vocabulary trimming (``keep_ids``): SmolLM2-135M spends 28.3M of its 134.5M parameters on a tied
   49,152 x 576 embedding, so no layer-pruned student is under 21% of the teacher. A student may keep
   only the ids that matter in its domain (Ushio et al. 2023, vocabulary trimming) plus one ``<other>``
@@ -45,6 +47,36 @@ def select_layers(num_teacher_layers: int, num_layers: int, strategy: str = "fir
     if strategy == "even":
         return [0] if n == 1 else sorted({round(i * (L - 1) / (n - 1)) for i in range(n)})
     raise ValueError(f"strategy must be 'even', 'first' or 'first_last', got {strategy!r}.")
+
+
+@torch.no_grad()
+def layer_influence(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16) -> list[float]:
+    """Block influence of each decoder layer (ShortGPT, Men et al. 2024): 1 - mean cosine similarity between the
+    hidden state a layer receives and the one it returns, over every real token of ``sequences``. A layer that
+    barely changes its input (low influence) is the cheapest to drop."""
+    from kdops.lm.teacher import pad_batch
+
+    device = next(model.parameters()).device
+    total, count = None, 0
+    for s in range(0, len(sequences), batch_size):
+        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
+        hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                   use_cache=False).hidden_states
+        m = mask.to(device).bool()
+        sims = torch.stack([torch.nn.functional.cosine_similarity(hs[i][m].float(), hs[i + 1][m].float(), dim=-1).sum()
+                            for i in range(len(hs) - 1)])
+        total = sims if total is None else total + sims
+        count += int(m.sum())
+    return (1 - total / max(count, 1)).tolist()
+
+
+def select_by_influence(influence: Sequence[float], num_layers: int) -> list[int]:
+    """The ``num_layers`` most influential layers; the first and the last are always kept."""
+    L = len(influence)
+    if not 2 <= num_layers <= L:
+        raise ValueError(f"num_layers must be in [2, {L}] for influence-based selection, got {num_layers}.")
+    middle = sorted(range(1, L - 1), key=lambda i: -influence[i])[: num_layers - 2]
+    return sorted([0, L - 1, *middle])
 
 
 class LMStudent(nn.Module):
