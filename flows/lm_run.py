@@ -62,6 +62,10 @@ def run_lm_round_cli(domains: tuple[str, ...], train_sentences: int, eval_senten
 
     root = home()
     teacher = Path(teacher_dir) if teacher_dir else smollm2_dir()
+    missing = [f for f in ("config.json", "model.safetensors") if not (teacher / f).is_file()]
+    if missing:  # checked before any server starts
+        raise FileNotFoundError(f"teacher directory {teacher}: {', '.join(missing)} missing (a causal LM saved with "
+                                "save_pretrained(safe_serialization=True) and its tokenizer is expected)")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
     (root / "mlflow").mkdir(parents=True, exist_ok=True)
     train = corpora.load("sentiment", split="train", domains=domains).rows

@@ -70,10 +70,14 @@ def test_cli_help_and_errors(tmp_path, kdops_home):
     runner = CliRunner()
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for cmd in ("data", "teacher", "distill", "evaluate", "gate", "demo", "serve", "registry", "review"):
+    for cmd in ("data", "teacher", "distill", "evaluate", "gate", "demo", "serve", "registry", "review", "lm"):
         assert cmd in out.output
     out = runner.invoke(app, ["distill", "--help"])
     assert "--champion" in out.output and "incremental" in out.output
+    out = runner.invoke(app, ["lm", "distill", "--help"])
+    assert out.exit_code == 0 and "--trim-vocab" in out.output and "--triton-url" in out.output
+    out = runner.invoke(app, ["lm", "distill", "--domains", "movie", "--teacher-dir", str(tmp_path / "nope"), "--no-serve"])
+    assert out.exit_code == 2 and "nope" in out.output  # a missing teacher directory is a clear error, not a traceback
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,label\nhello,pos\n")
     out = runner.invoke(app, ["data", "ingest", str(bad), "--labels", "neg,pos"])
