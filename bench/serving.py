@@ -177,7 +177,8 @@ def main() -> None:
         gains = [b[0] / a[0] for a, b in zip(pairs["nobatch"], pairs["student"])]
         mid = int(np.argsort(gains)[len(gains) // 2])  # the pair with the median gain is the one reported
         load(server.url, "teacher", args.clients, 2.0)
-        pairs["teacher"] = [load(server.url, "teacher", args.clients, args.seconds)]
+        lat, errs, rps = load(server.url, "teacher", args.clients, args.seconds)
+        pairs["teacher"] = [(rps, lat, errs)]
         for name, model, i in (("no batching", "nobatch", mid), ("dynamic batching", "student", mid),
                                ("teacher (batching)", "teacher", 0)):
             rps, lat, errs = pairs[model][i]
