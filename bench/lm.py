@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="Which teacher layers to keep (influence: the most influential on the training text).")
     ap.add_argument("--trim-vocab", type=int, default=None,
                     help="Trim the vocabulary to ids seen in training + the first N ids (off by default).")
+    ap.add_argument("--vocab-share", type=float, default=0.8,
+                    help="Trimmed vocabulary: keep the ids of this share of the training text (the rest trains <other>).")
     ap.add_argument("--train-sentences", type=int, default=500, help="Movie train sentences (seeded sample).")
     ap.add_argument("--eval-sentences", type=int, default=100, help="Held-out movie test sentences.")
     ap.add_argument("--steps", type=int, default=150)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = LMDistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                           kd_mode=args.kd_mode, topk=args.topk, seq_kd_weight=args.seq_kd_weight, seed=args.seed,
                           freeze_embeddings=args.freeze_embeddings)
-    shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab)
+    shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab, vocab_share=args.vocab_share)
     # The same round and evaluation the LM flow runs (kdops.lm.rounds); only the data choice is the bench's.
     round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(),
                           subdir("students") / "smollm2-movie-lm", cfg, shape, args.max_length, device=args.device,

@@ -215,6 +215,16 @@ def test_report_summary_is_json_and_gate_compatible():
     json.dumps(r.to_dict())
 
 
+def test_lm_shape_validation():
+    from kdops.lm.rounds import LMShape
+
+    with pytest.raises(ValueError, match="vocab_share"):
+        LMShape(vocab_share=0.0)
+    with pytest.raises(ValueError, match="strategy"):
+        LMShape(strategy="random")
+    assert LMShape().strategy == "influence"
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="alpha"):
         LMDistillConfig(alpha=1.5)

@@ -29,8 +29,11 @@ class LMShape:
     layers: int = field(default=10, metadata={"help": "Teacher decoder layers the student keeps."})
     strategy: str = field(default="influence", metadata={"help": "Which layers: influence (the most influential on the round's text, kdops.lm.student.layer_influence), first_last, first or even."})
     trim_vocab: int | None = field(default=8192, metadata={"help": "Keep the ids seen in the first round's text plus the first N ids (None: full vocabulary)."})
+    vocab_share: float = field(default=0.8, metadata={"help": "Share of the first round's text whose ids are kept; ids only in the rest train <other>."})
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.vocab_share <= 1.0:
+            raise ValueError("vocab_share must be in (0, 1].")
         if self.layers < 1 or (self.trim_vocab is not None and self.trim_vocab < 0):
             raise ValueError("layers must be >= 1 and trim_vocab >= 0 (or None).")
         if self.strategy not in ("influence", "first_last", "first", "even"):
@@ -57,7 +60,11 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
     else:
         keep = None
         if shape.trim_vocab is not None:
-            keep = corpus_vocabulary(seqs, [teacher.start_id, teacher.eos_id, teacher.pad_id], shape.trim_vocab)
+            # The vocabulary comes from a seeded share of the text only: the rest then holds ids the student does
+            # not keep, as unseen text will, so <other> is trained at a realistic rate (all text: p(<other>) was
+            # 0.2 % where 3 % of held-out tokens needed it).
+            vocab_seqs = replay_sample(seqs, max(1, int(round(shape.vocab_share * len(seqs)))), cfg.seed)
+            keep = corpus_vocabulary(vocab_seqs, [teacher.start_id, teacher.eos_id, teacher.pad_id], shape.trim_vocab)
         if shape.strategy == "influence":
             sample = replay_sample(seqs, 128, cfg.seed)  # a seeded calibration sample of the round's text
             layers = select_by_influence(layer_influence(teacher.model, sample, teacher.pad_id), shape.layers)
