@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.loop import act_on_decision
-from flows.tasks import LoopContext
+from flows.tasks import LoopContext, load_teacher
 from kdops.data import Snapshot
 from kdops.gate import Decision, LMGateThresholds, gate_lm
 from kdops.lm.distill import LMDistillConfig
@@ -30,9 +30,7 @@ LM_MODEL = "kdops-lm-student"
 
 
 def _teacher(ctx: LoopContext):
-    from kdops.lm.teacher import HFCausalLMTeacher
-
-    return HFCausalLMTeacher(ctx.teacher_dir, device=ctx.device)
+    return load_teacher(ctx, "causal-lm")
 
 
 def _snapshot(ctx: LoopContext, snapshot_id: str) -> Snapshot:

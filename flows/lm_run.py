@@ -89,11 +89,11 @@ def run_lm_round_cli(domains: tuple[str, ...], train_sentences: int, eval_senten
                           triton_key=triton.admin_key if triton else "", repository=str(repo),
                           prediction_log=str(root / "predictions-lm"))
         if triton is not None and champion is not None:
+            from flows.tasks import hot_swap_task
             from serving.swap import read_state
 
-            if read_state(repo, model)["active_slot"] is None or not triton_url:  # an embedded server starts empty
-                from flows.tasks import hot_swap_task
-
+            # An embedded server starts empty; an attached one may already serve the champion.
+            if not triton_url or read_state(repo, model)["active_slot"] is None:
                 hot_swap_task.fn(ctx, champion["artifact"])
         echo(f"teacher {teacher}; champion {'v' + str(champion['version']) if champion else 'none (first round)'}; "
              f"{len(train)} training and {len(test)} evaluation sentences from {', '.join(domains)}")

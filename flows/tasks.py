@@ -6,6 +6,7 @@ global. Retries sit on the decorator for the steps that touch a server.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +38,28 @@ class LoopContext:
     device: str = field(default="cpu", metadata={"help": "Training device."})
 
 
-def _teacher(ctx: LoopContext):
+@functools.lru_cache(maxsize=2)
+def _load_teacher(kind: str, directory: str, device: str, stamp: int):
+    if kind == "causal-lm":
+        from kdops.lm.teacher import HFCausalLMTeacher
+
+        return HFCausalLMTeacher(directory, device=device)
     from kdops.teacher import HFTeacher
 
-    return HFTeacher(ctx.teacher_dir, device=ctx.device)
+    return HFTeacher(directory, device=device)
+
+
+def load_teacher(ctx: LoopContext, kind: str = "classifier"):
+    """The loop's teacher, loaded once per process and shared by the tasks of a flow (read-only use): a round
+    scores, distils and evaluates with it, and each load was a full read of the weights. A rewritten weights
+    file (new modification time) loads afresh."""
+    weights = Path(ctx.teacher_dir) / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns if weights.exists() else 0
+    return _load_teacher(kind, str(ctx.teacher_dir), ctx.device, stamp)
+
+
+def _teacher(ctx: LoopContext):
+    return load_teacher(ctx)
 
 
 def save_snapshot(ctx: LoopContext, rows: pd.DataFrame, labels: tuple[str, ...]) -> str:

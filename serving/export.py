@@ -243,16 +243,22 @@ def export_lm_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: 
     """Export a local causal LM (safetensors + tokenizer) as a remote LM teacher: token ids in, top-k next-token
     log-probs (or greedy continuations) out. The client pads and batches itself (``max_batch_size: 0``):
     sequences of one distillation batch have different lengths, which Triton's batcher would not merge."""
-    from kdops.lm.teacher import HFCausalLMTeacher
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kdops.lm.teacher import start_token_id
+    from kdops.teacher import directory_id
 
     src = Path(hf_dir)
     if not (src / "model.safetensors").is_file():
         raise ArtifactError(f"{src}: an LM teacher must be saved as model.safetensors (pickle weights are refused).")
-    t = HFCausalLMTeacher(src)  # loads once here: a directory that cannot load is refused before export
-    params = {"kdops_kind": "lm-teacher", "kdops_teacher_id": t.id, "kdops_vocab_size": t.vocab_size,
-              "kdops_start_id": t.start_id, "kdops_pad_id": t.pad_id, "kdops_eos_id": -1 if t.eos_id is None else t.eos_id,
-              "kdops_torch_threads": cfg.torch_threads}
-    del t
+    try:  # config and tokenizer only: the weights are read once, by the server
+        config, tok = AutoConfig.from_pretrained(str(src)), AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{src}: config or tokenizer unusable ({e}).") from e
+    start = start_token_id(config, tok)
+    params = {"kdops_kind": "lm-teacher", "kdops_teacher_id": directory_id(src), "kdops_vocab_size": int(config.vocab_size),
+              "kdops_start_id": start, "kdops_pad_id": start if tok.pad_token_id is None else tok.pad_token_id,
+              "kdops_eos_id": -1 if tok.eos_token_id is None else tok.eos_token_id, "kdops_torch_threads": cfg.torch_threads}
     gpus = f" gpus: [ {', '.join(map(str, cfg.gpus))} ]" if cfg.gpus and cfg.instance_kind == "KIND_GPU" else ""
     ins = ", ".join([_tensor("IDS", "TYPE_INT64", "-1, -1"), _tensor("LENGTHS", "TYPE_INT64", "-1"),
                      _tensor("K", "TYPE_INT32", 1), _tensor("MAX_NEW_TOKENS", "TYPE_INT32", 1)])

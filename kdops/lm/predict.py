@@ -69,10 +69,14 @@ class LMGenerator:
                 raise InputError(f"temperature of prompt {i} is {t}; allowed: a number in [0, 10] (0 = greedy)")
         return prompts, [int(m) for m in budgets], [round(float(t), 4) for t in temps]
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 32,
                  temperature: float | Sequence[float] = 0.0) -> list[Generation]:
-        prompts, budgets, temps = self.check(prompts, max_new_tokens, temperature)
+        return self.generate_checked(*self.check(prompts, max_new_tokens, temperature))
+
+    @torch.inference_mode()
+    def generate_checked(self, prompts: list[str], budgets: list[int], temps: list[float]) -> list[Generation]:
+        """``generate`` on what ``check`` returned (Triton's model.py checks each request, then generates the
+        batch once)."""
         ids = self.encode(prompts)
         out: list[Generation | None] = [None] * len(prompts)
         for t in sorted(set(temps)):  # one batched generate per temperature (usually one)

@@ -82,7 +82,7 @@ class TritonPythonModel:
         if not prompts:
             return responses
         try:
-            gens = self.generator.generate(prompts, budgets, temps)
+            gens = self.generator.generate_checked(prompts, budgets, temps)
         except Exception as e:
             for i, _, _ in spans:
                 responses[i] = pb_utils.InferenceResponse(
