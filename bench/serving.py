@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,34 @@ def phase_maxima(timeline, phases, per_swap: list | None = None) -> dict:
     return {k: round(v, 1) for k, v in worst.items()}
 
 
+def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
+    """``n`` hot swaps, alternating two students, under ``clients`` closed-loop clients: failures, worst
+    latency overall and per swap phase, and which method each swap used."""
+    from serving.swap import hot_swap
+
+    swap_s, phases, methods = [], [], {}
+
+    def swaps():
+        for i in range(n):
+            t0, m0 = time.perf_counter(), time.monotonic()
+            r = hot_swap(server, "student", students[(i + 1) % 2], cfg=cfg)
+            swap_s.append(time.perf_counter() - t0)
+            phases.append((m0, r.timings_s))
+            methods[r.method] = methods.get(r.method, 0) + 1
+
+    lat, errs, rps = load(server.url, "student", clients, 0, stop_when=swaps)
+    out = dict(swaps=len(swap_s), swap_requests=len(lat), swap_failed=len(errs), swap_errors=errs[:5],
+               swap_max_latency_ms=round(float(lat.max() * 1000), 1), swap_p99_ms=pct(lat, 99),
+               swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1), swap_methods=methods)
+    out["swap_max_over_steady_p99"] = round(out["swap_max_latency_ms"] / steady_p99_ms, 2)
+    if CLIENT.get("timeline") is not None:
+        per_swap: list = []
+        out["swap_phase_max_latency_ms"] = phase_maxima(CLIENT["timeline"], phases, per_swap)
+        out["swap_phase_max_latency_ms_per_swap"] = per_swap
+        out["swaps_over_3x_steady_p99"] = sum(1 for m in per_swap if m and max(m.values()) > 3 * steady_p99_ms)
+    return out
+
+
 def rss_kb(pids):
     total = 0
     for pid in pids:
@@ -138,6 +167,11 @@ def main() -> None:
     ap.add_argument("--student", type=Path, nargs=2, default=None, help="Two real student dirs to swap between.")
     ap.add_argument("--teacher", type=Path, default=None, help="A real HF teacher dir (safetensors).")
     ap.add_argument("--nice-loading", action="store_true", help="Renice loading stubs (SwapConfig.nice_loading).")
+    ap.add_argument("--baseline-swaps", type=int, default=10,
+                    help="After the swaps of record, this many swaps that each start a new stub, as the baseline (0: none).")
+    ap.add_argument("--no-standby", action="store_true",
+                    help="Unload the old slot after each swap, so every swap starts a new stub (SwapConfig.standby=False): "
+                         "the design before in-place reloads, as a baseline.")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads per model instance (0: torch default, all cores).")
     ap.add_argument("--client", choices=("grpc-async", "http-threads"), default="grpc-async",
@@ -163,7 +197,8 @@ def main() -> None:
         export_student(students[0], server.repository, "nobatch", 1, ExportConfig(dynamic_batching=False, warmup=False,
                                                                                          torch_threads=args.torch_threads))
         client.load("nobatch")
-        cfg = SwapConfig(nice_loading=args.nice_loading, export=ExportConfig(torch_threads=args.torch_threads))
+        cfg = SwapConfig(nice_loading=args.nice_loading, standby=not args.no_standby,
+                         export=ExportConfig(torch_threads=args.torch_threads))
         deploy(server, "student", students[0], cfg=cfg)
         deploy_teacher(server, teacher, "teacher")
         # Batching on / off alternate ``--repeats`` times and the run reports the median of the per-pair gains:
@@ -201,32 +236,25 @@ def main() -> None:
         hot_swap(server, "student", students[0], cfg=cfg)
         time.sleep(3)
         rss0 = rss_kb(server.pids())
-        swap_s, phases = [], []
-
-        def swaps():
-            for i in range(args.swaps):
-                t0, m0 = time.perf_counter(), time.monotonic()
-                r = hot_swap(server, "student", students[(i + 1) % 2], cfg=cfg)
-                swap_s.append(time.perf_counter() - t0)
-                phases.append((m0, r.timings_s))
-
-        lat, errs, rps = load(server.url, "student", args.clients, 0, stop_when=swaps)
+        run = swap_run(server, students, args.swaps, args.clients, cfg, res["steady_p99_ms"])
         time.sleep(3)
         rss1 = rss_kb(server.pids())
-        res.update(swaps=len(swap_s), swap_requests=len(lat), swap_failed=len(errs), swap_errors=errs[:5],
-                   swap_max_latency_ms=round(float(lat.max() * 1000), 1), swap_p99_ms=pct(lat, 99),
-                   swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1),
-                   rss_kb_before=rss0, rss_kb_after=rss1, rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
-        res["swap_max_over_steady_p99"] = round(res["swap_max_latency_ms"] / res["steady_p99_ms"], 2)
-        if CLIENT.get("timeline") is not None:
-            per_swap: list = []
-            res["swap_phase_max_latency_ms"] = phase_maxima(CLIENT["timeline"], phases, per_swap)
-            res["swap_phase_max_latency_ms_per_swap"] = per_swap
-            limit = 3 * res["steady_p99_ms"]
-            res["swaps_over_3x_steady_p99"] = sum(1 for m in per_swap if m and max(m.values()) > limit)
-    print(f"{'load':<22}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
+        res.update(run, rss_kb_before=rss0, rss_kb_after=rss1, rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
+        if args.baseline_swaps:
+            # The same swaps, each starting a new stub (the design before in-place reloads), same run and load.
+            base = swap_run(server, students, args.baseline_swaps, args.clients, replace(cfg, standby=False),
+                            res["steady_p99_ms"])
+            res["baseline_fresh_load"] = {k: v for k, v in base.items() if k != "swap_phase_max_latency_ms_per_swap"}
+            rows.append(("swaps: in-place reload", res["swap_rps"], None, None, res["swap_p99_ms"], res["swap_failed"]))
+            rows.append(("swaps: fresh stub", base["swap_rps"], None, None, base["swap_p99_ms"], base["swap_failed"]))
+    print(f"{'load':<24}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:
-        print(f"{r[0]:<22}{r[1]:>9.1f}{r[2]:>9}{r[3]:>9}{r[4]:>9}{r[5]:>8}")
+        print(f"{r[0]:<24}{r[1]:>9.1f}{str(r[2] or '-'):>9}{str(r[3] or '-'):>9}{r[4]:>9}{r[5]:>8}")
+    if "baseline_fresh_load" in res:
+        b = res["baseline_fresh_load"]
+        print(f"worst request during swaps / steady p99: in-place reload {res['swap_max_latency_ms']} ms "
+              f"({res['swap_max_over_steady_p99']}x, {res['swaps']} swaps), fresh stub {b['swap_max_latency_ms']} ms "
+              f"({b['swap_max_over_steady_p99']}x, {b['swaps']} swaps)")
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))

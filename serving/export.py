@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import py_compile
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -172,13 +173,17 @@ def export_student(artifact_dir: str | Path, repo: str | Path, name: str, versio
         raise ArtifactError(f"{src}: a {meta.kind} student; export it with export_lm_student (or export_artifact).")
     if not (src / "model.safetensors").is_file():
         raise ArtifactError(f"{src}: model.safetensors missing.")
+    return _write_model(Path(repo), name, version, src, _student_config(src, name, version, cfg, version_label))
+
+
+def _student_config(src: Path, name: str, version: int, cfg: ExportConfig, version_label: str | None) -> str:
+    meta = read_meta(src)
     label = version_label or student_version_label(src, version)
     params = {"kdops_version": label, "kdops_max_chars": cfg.max_chars, "kdops_torch_threads": cfg.torch_threads,
               "kdops_label_names": json.dumps(meta.label_names)}
     if cfg.prediction_log_dir:
         params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
-    text = model_config(name, cfg, classifier_io(len(meta.label_names)), {"kdops_kind": "student", **params})
-    return _write_model(Path(repo), name, version, src, text)
+    return model_config(name, cfg, classifier_io(len(meta.label_names)), {"kdops_kind": "student", **params})
 
 
 def export_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: int = 1,
@@ -229,13 +234,18 @@ def export_lm_student(artifact_dir: str | Path, repo: str | Path, name: str, ver
         raise ArtifactError(f"{src}: not a causal-LM student (kdops.json kind).")
     if not (src / "model.safetensors").is_file():
         raise ArtifactError(f"{src}: model.safetensors missing.")
+    return _write_model(Path(repo), name, version, src, _lm_student_config(src, name, version, cfg, version_label),
+                        LM_TEMPLATE)
+
+
+def _lm_student_config(src: Path, name: str, version: int, cfg: ExportConfig, version_label: str | None) -> str:
     params = {"kdops_kind": "causal-lm", "kdops_version": version_label or lm_version_label(src, version),
               "kdops_max_chars": cfg.max_chars, "kdops_torch_threads": cfg.torch_threads,
               "kdops_max_new_tokens": cfg.max_new_tokens, "kdops_default_max_tokens": cfg.default_max_tokens,
               "kdops_max_prompt_tokens": cfg.max_prompt_tokens}
     if cfg.prediction_log_dir:
         params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
-    return _write_model(Path(repo), name, version, src, model_config(name, cfg, LM_IO, params), LM_TEMPLATE)
+    return model_config(name, cfg, LM_IO, params)
 
 
 def export_lm_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: int = 1,
@@ -282,6 +292,41 @@ def export_artifact(artifact_dir: str | Path, repo: str | Path, name: str, versi
     """Export a classifier student or a causal-LM student, whichever ``artifact_dir`` holds."""
     fn = export_lm_student if artifact_kind(artifact_dir) == "causal-lm" else export_student
     return fn(artifact_dir, repo, name, version, cfg, version_label)
+
+
+def reload_compatible(artifact_dir: str | Path, repo: str | Path, name: str, loaded_version: int,
+                      cfg: ExportConfig = ExportConfig()) -> bool:
+    """Whether the running ``<repo>/<name>`` (Triton version ``loaded_version``) can take ``artifact_dir``'s
+    weights in place: the config an export would write now and the one it runs differ at most in the
+    version label, and its model.py is today's template. Anything else (other labels, batching,
+    limits, code) needs a fresh load."""
+    src, model_dir = Path(artifact_dir), Path(repo) / name
+    if artifact_kind(src) == "causal-lm":
+        text, template = _lm_student_config(src, name, 0, cfg, "-"), LM_TEMPLATE
+    else:
+        text, template = _student_config(src, name, 0, cfg, "-"), TEMPLATE
+    try:
+        running = (model_dir / "config.pbtxt").read_text()
+        code = (model_dir / str(loaded_version) / "model.py").read_bytes()
+    except OSError:
+        return False
+    unversioned = re.compile(r'(key: "kdops_version" value \{ string_value: )"[^"]*"')
+    return unversioned.sub(r"\1-", running) == unversioned.sub(r"\1-", text) and code == template.read_bytes()
+
+
+def stage_reload(artifact_dir: str | Path, repo: str | Path, name: str, version: int) -> str:
+    """Copy an artifact where ``<repo>/<name>``'s reload watcher reads it (kdops.hotreload); return its path
+    relative to the watcher's directory. Older staged copies are removed (the running ones hold their
+    weights in memory)."""
+    from kdops.hotreload import slot_directory
+
+    rdir = slot_directory(repo, name)
+    rdir.mkdir(parents=True, exist_ok=True)
+    for d in rdir.iterdir():
+        if d.is_dir() and d.name.isdigit():
+            shutil.rmtree(d)
+    _copy_artifact(Path(artifact_dir), rdir / str(version) / "artifact")
+    return f"{version}/artifact"
 
 
 def ensemble_config(name: str, target: str, io: ModelIO, max_batch_size: int) -> str:

@@ -3,13 +3,16 @@
 Layout: clients call ``<model>`` (an ensemble, no backend, no process) which forwards to one of two slot
 models ``<model>__s0`` / ``<model>__s1`` (Python backend). A swap:
 
-1. exports the new artifact into the idle slot (complete config, pre-compiled model.py) and loads it:
-   the stub starts, imports torch, builds the model and runs the config's warm-up requests;
+1. puts the new artifact into the idle slot: when that slot still runs (the standby, the previous
+   version) and its config takes the artifact unchanged, its stub replaces its weights in place
+   (kdops.hotreload, ``method="reload"``); otherwise the artifact is exported there (complete config,
+   pre-compiled model.py) and loaded: a new stub imports torch, builds the model, runs the warm-up
+   (``method="load"``);
 2. sends a smoke batch to the slot by name and checks shapes, finiteness, the version string, and
    (by default) that its probabilities equal kdops.predict's on the same artifact, locally;
 3. re-points the ensemble at the slot and re-loads it: a backend-less model, ~1 ms, and Triton keeps
    serving the old ensemble until the new one is ready, so no request sees an unloaded model;
-4. waits a short drain, then unloads the old slot.
+4. keeps the old slot loaded as the next swap's standby (``standby=False``: drain, then unload it).
 
 A failure in 1-2 unloads the new slot and raises ``SwapError``: the ensemble never pointed at it, so the
 old version kept serving throughout. Why this shape and what it measured: serving/README.md.
@@ -31,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from serving.client import ServingClient, ServingError
-from serving.export import (LM_IO, ExportConfig, artifact_kind, classifier_io, export_artifact, version_label,
-                            write_ensemble)
+from kdops.hotreload import read_acks, slot_directory, wait_for_acks, write_request
+from serving.export import (LM_IO, ExportConfig, artifact_kind, classifier_io, export_artifact, reload_compatible,
+                            stage_reload, version_label, write_ensemble)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +56,13 @@ class SwapConfig:
     smoke_tokens: int = field(default=8, metadata={"help": "Generation models: greedy tokens per smoke prompt (served and local must agree exactly)."})
     nice_loading: bool = field(default=False, metadata={"help": "Run the swap at nice 19: the calling thread, and (embedded server) the loading stub until ready. Serving keeps the CPU; swaps take longer on a busy box."})
     drain_s: float = field(default=0.5, metadata={"help": "Seconds between switching and unloading the old slot (in-flight requests finish)."})
+    standby: bool = field(default=True, metadata={"help": "Keep the previous slot loaded after a swap, so the next swap replaces its weights in place (kdops.hotreload) instead of starting a new stub process."})
+    reload_timeout_s: float = field(default=120.0, metadata={"help": "How long an in-place reload may take before the swap loads a fresh stub instead."})
     keep_archive: int = field(default=5, metadata={"help": "Previous artifacts kept beside the repository for rollback."})
 
     def __post_init__(self) -> None:
-        if not self.smoke_texts or self.atol <= 0 or self.drain_s < 0 or self.keep_archive < 1:
-            raise ValueError("smoke_texts must be non-empty, atol > 0, drain_s >= 0, keep_archive >= 1.")
+        if not self.smoke_texts or self.atol <= 0 or self.drain_s < 0 or self.keep_archive < 1 or self.reload_timeout_s <= 0:
+            raise ValueError("smoke_texts must be non-empty, atol > 0, drain_s >= 0, keep_archive >= 1, reload_timeout_s > 0.")
 
 
 @dataclass
@@ -68,6 +74,7 @@ class SwapResult:
     previous_slot: str | None
     previous_label: str | None
     timings_s: dict = field(default_factory=dict)
+    method: str = "load"  # "load": a fresh stub; "reload": new weights in the standby slot's running stub
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -281,21 +288,13 @@ def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | N
             raise SwapError(f"{artifact_dir}: not a servable artifact ({e}); {old or 'nothing'} still serving") from e
         t = {}
         t0 = time.perf_counter()
-        _safe_unload(client, slot)  # a leftover from an interrupted swap; it is not serving
-        if (repo / slot).exists():
-            for d in (repo / slot).iterdir():
-                if d.is_dir() and d.name.isdigit():
-                    shutil.rmtree(d)
+        slots = state.setdefault("slots", {})  # slot -> the Triton version its running stub loaded
+        method = "reload" if _try_reload(client, repo, slot, slots.get(slot), artifact_dir, version, label, cfg, t,
+                                         f"{state['label'] or 'nothing'} still serving") else "load"
+        if method == "load":
+            _fresh_load(target, client, repo, slot, artifact_dir, version, label, cfg, t, old)
+            slots[slot] = version
         try:
-            export_artifact(artifact_dir, repo, slot, version, cfg.export, version_label=label)
-        except Exception as e:
-            raise SwapError(f"{artifact_dir}: export failed ({e}); {old or 'nothing'} still serving") from e
-        t["export"] = time.perf_counter() - t0
-        try:
-            niced = cfg.nice_loading and hasattr(target, "pids") and getattr(target, "proc", None) is not None
-            with (_niced_stub(target, f"/{slot}/{version}/model.py") if niced else nullcontext()):
-                client.load(slot)
-            t["load"] = time.perf_counter() - t0 - t["export"]
             texts = list(cfg.smoke_texts)
             _smoke(client, slot, kind, texts, label, artifact_dir if cfg.verify_local else None, cfg)
             t["smoke"] = time.perf_counter() - t0 - t["export"] - t["load"]
@@ -322,16 +321,77 @@ def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | N
             _safe_unload(client, slot)
             raise SwapError(f"{model}: switching to {slot} failed ({e}); {state['label'] or 'nothing'} still serving") from e
         t["switch"] = time.perf_counter() - ts
-        if old:
+        if old and not cfg.standby:
             time.sleep(cfg.drain_s)  # requests the old ensemble already routed finish on the old slot
             _safe_unload(client, old)
+            slots.pop(old, None)
         t["total"] = time.perf_counter() - t0
         _archive(repo, model, version, artifact_dir, cfg.keep_archive)
         state["history"].append({"version": version, "label": label, "slot": slot, "artifact": str(artifact_dir.resolve()),
-                                 "time": time.time(), "note": note})
+                                 "time": time.time(), "note": note, "method": method})
         state.update(active_slot=slot, version=version, label=label)
         _write_state(repo, model, state)
-        return SwapResult(model, slot, version, label, old, prev_label, {k: round(v, 4) for k, v in t.items()})
+        return SwapResult(model, slot, version, label, old, prev_label, {k: round(v, 4) for k, v in t.items()}, method)
+
+
+def _fresh_load(target, client: ServingClient, repo: Path, slot: str, artifact_dir: Path, version: int, label: str,
+                cfg: SwapConfig, t: dict, old: str | None) -> None:
+    """Export into the idle slot and load it: a new stub process (torch import, model build, warm-up)."""
+    t0 = time.perf_counter()
+    _safe_unload(client, slot)  # a standby that cannot take these weights, or a leftover of an interrupted swap
+    if (repo / slot).exists():
+        for d in (repo / slot).iterdir():
+            if d.is_dir() and d.name.isdigit():
+                shutil.rmtree(d)
+    shutil.rmtree(slot_directory(repo, slot), ignore_errors=True)  # a fresh stub must not pick up an old reload
+    try:
+        export_artifact(artifact_dir, repo, slot, version, cfg.export, version_label=label)
+    except Exception as e:
+        raise SwapError(f"{artifact_dir}: export failed ({e}); {old or 'nothing'} still serving") from e
+    t["export"] = time.perf_counter() - t0
+    try:
+        niced = cfg.nice_loading and hasattr(target, "pids") and getattr(target, "proc", None) is not None
+        with (_niced_stub(target, f"/{slot}/{version}/model.py") if niced else nullcontext()):
+            client.load(slot)
+    except Exception as e:
+        _safe_unload(client, slot)
+        raise SwapError(f"{slot} v{version} ({artifact_dir}) refused: {e}; {old or 'nothing'} still serving") from e
+    t["load"] = time.perf_counter() - t0 - t["export"]
+
+
+def _try_reload(client: ServingClient, repo: Path, slot: str, loaded_version: int | None, artifact_dir: Path,
+                version: int, label: str, cfg: SwapConfig, t: dict, serving_note: str) -> bool:
+    """Put the new weights into the standby slot's running stub (kdops.hotreload); False when that slot
+    cannot take them in place (not loaded, other config or code, no watcher, no answer in time) and a
+    fresh load is needed. Raises SwapError when the stub refuses the artifact."""
+    if not cfg.standby or loaded_version is None:
+        return False
+    rdir = slot_directory(repo, slot)
+    try:
+        if not (read_acks(rdir) and client.model_ready(slot)
+                and reload_compatible(artifact_dir, repo, slot, loaded_version, cfg.export)):
+            return False
+    except Exception as e:  # unreadable artifact metadata and the like: the fresh load reports it properly
+        log.debug("in-place reload of %s not possible: %s", slot, e)
+        return False
+    t0 = time.perf_counter()
+    try:
+        rel = stage_reload(artifact_dir, repo, slot, version)
+    except Exception as e:
+        raise SwapError(f"{artifact_dir}: staging failed ({e}); {serving_note}") from e
+    t["export"] = time.perf_counter() - t0
+    write_request(rdir, version, rel, label)
+    try:
+        wait_for_acks(rdir, version, cfg.reload_timeout_s)
+    except RuntimeError as e:  # the stub could not load it: refuse, and leave no half-state behind
+        _safe_unload(client, slot)
+        shutil.rmtree(rdir, ignore_errors=True)
+        raise SwapError(f"{slot} v{version} ({artifact_dir}) refused: {e}; {serving_note}") from e
+    except TimeoutError as e:
+        log.warning("%s; loading a fresh stub instead", e)
+        return False
+    t["load"] = time.perf_counter() - t0 - t["export"]
+    return True
 
 
 def _archive(repo: Path, model: str, version: int, artifact_dir: Path, keep: int) -> None:

@@ -132,6 +132,50 @@ def test_hot_swap_under_load_broken_version_and_rollback(served, second_student,
     assert max(lat) < 10.0  # no load-length stall (was 8-13 s with HTTP model control)
 
 
+def test_swaps_reload_the_standby_slot_in_place_under_load(served, second_student, tiny_student_dir, tmp_path):
+    """Once both slots run, a swap puts new weights into the standby slot's running stub: no new process,
+    no failed request, each version answering with its own weights; a corrupt artifact is refused there."""
+    from kdops.predict import Predictor
+    from serving.swap import SwapError, hot_swap, read_state
+
+    server, cfg, _, _ = served
+    hot_swap(server, "student", second_student, cfg=cfg)  # both slots now loaded, whatever came before
+    stubs = set(server.pids())
+    stop, errors = threading.Event(), []
+
+    def hammer():
+        c = _client(server, key=False)
+        while not stop.is_set():
+            try:
+                c.infer("student", ["good movie", "bad plot"])
+            except Exception as e:  # any failure is a test failure, counted below
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        swaps = [hot_swap(server, "student", d, cfg=cfg) for d in (tiny_student_dir, second_student, tiny_student_dir)]
+        broken = tmp_path / "broken"
+        shutil.copytree(second_student, broken)
+        (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+        with pytest.raises(SwapError, match="could not load the new weights.*still serving"):
+            hot_swap(server, "student", broken, cfg=cfg)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert [s.method for s in swaps] == ["reload"] * 3
+    assert [s.slot for s in swaps] == [swaps[0].slot, swaps[1].slot, swaps[0].slot] and swaps[0].slot != swaps[1].slot
+    assert set(server.pids()) <= stubs  # no process started for any of the reloads
+    texts = ["this movie was good", "awful boring plot"]
+    out = _client(server).infer("student", texts)
+    assert out.versions == [swaps[-1].label] * 2
+    np.testing.assert_allclose(out.probabilities, Predictor.from_dir(tiny_student_dir).predict_proba(texts), atol=1e-5)
+    assert [h["method"] for h in read_state(server.repository, "student")["history"]][-3:] == ["reload"] * 3
+
+
 def test_prediction_log_round_trip(served):
     from kdops.prediction_log import read_predictions
 

@@ -34,6 +34,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
+        from kdops.hotreload import ReloadWatcher, read_request, slot_directory
         from kdops.lm.predict import LMGenerator
 
         cfg = json.loads(args["model_config"])
@@ -46,10 +47,28 @@ class TritonPythonModel:
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         here = Path(args["model_repository"]) / args["model_version"]
-        self.generator = LMGenerator.from_dir(
-            here / "artifact", device=device, max_chars=int(_param(cfg, "kdops_max_chars", "20000")),
-            max_prompt_tokens=int(_param(cfg, "kdops_max_prompt_tokens", "256")),
-            max_new_tokens_limit=int(_param(cfg, "kdops_max_new_tokens", "256")), version=self.version)
+        limits = dict(max_chars=int(_param(cfg, "kdops_max_chars", "20000")),
+                      max_prompt_tokens=int(_param(cfg, "kdops_max_prompt_tokens", "256")),
+                      max_new_tokens_limit=int(_param(cfg, "kdops_max_new_tokens", "256")))
+
+        def load(artifact, version):
+            g = LMGenerator.from_dir(artifact, device=device, version=version, **limits)
+            g.generate(["warm-up"], 2, 0.0)  # first-call costs paid here, not by a request
+            return g
+
+        # A hot swap may replace the weights in place (kdops.hotreload), as in serving/templates/model.py.
+        reload_dir = slot_directory(Path(args["model_repository"]).parent, self.model_name)
+        req = read_request(reload_dir)
+        if req is not None and req.artifact.is_dir():
+            self.generator, seq, self.version = load(req.artifact, req.version), req.seq, req.version
+        else:
+            self.generator, seq = load(here / "artifact", self.version), 0
+        try:
+            self.watcher = ReloadWatcher(reload_dir, args["model_instance_name"], load, self._install, seq,
+                                         self.version).start()
+        except OSError as e:  # a read-only repository: swaps then load a new stub, as any Triton model
+            pb_utils.Logger.log_warn(f"{self.model_name}: in-place reload off ({e})")
+            self.watcher = None
         self.log = None
         log_dir = _param(cfg, "kdops_prediction_log_dir")
         if log_dir:
@@ -58,8 +77,13 @@ class TritonPythonModel:
             source = f"{self.model_name}-v{args['model_version']}-i{args['model_instance_name'].split('_')[-1]}"
             self.log = PredictionLogWriter(log_dir, source.replace("/", "_"))
 
+    def _install(self, generator):
+        # One attribute assignment: a batch in flight finishes on the generator it started with.
+        self.generator = generator
+
     def execute(self, requests):
         # Validate per request so one bad request fails alone; generate the good ones as one batch.
+        generator = self.generator  # this batch's, even if a reload lands meanwhile
         prompts, budgets, temps, spans, errors = [], [], [], [], {}
         for i, request in enumerate(requests):
             try:
@@ -68,7 +92,7 @@ class TritonPythonModel:
                 m = _values(request, "MAX_TOKENS") or [self.default_tokens]
                 t = _values(request, "TEMPERATURE") or [0.0]
                 # one value for the whole request, or one per prompt
-                p, m, t = self.generator.check(p, m * len(p) if len(m) == 1 else m, t * len(p) if len(t) == 1 else t)
+                p, m, t = generator.check(p, m * len(p) if len(m) == 1 else m, t * len(p) if len(t) == 1 else t)
             except Exception as e:  # InputError, undecodable bytes, odd tensors: an error response
                 errors[i] = f"{self.model_name}: bad request: {e}"
                 continue
@@ -82,7 +106,7 @@ class TritonPythonModel:
         if not prompts:
             return responses
         try:
-            gens = self.generator.generate_checked(prompts, budgets, temps)
+            gens = generator.generate_checked(prompts, budgets, temps)
         except Exception as e:
             for i, _, _ in spans:
                 responses[i] = pb_utils.InferenceResponse(
@@ -92,15 +116,17 @@ class TritonPythonModel:
             part = gens[a:b]
             outs = [pb_utils.Tensor("COMPLETION", np.array([[g.text.encode("utf-8")] for g in part], object)),
                     pb_utils.Tensor("TOKENS", np.array([[g.tokens] for g in part], np.int32)),
-                    pb_utils.Tensor("MODEL_VERSION", np.array([[self.version.encode()]] * (b - a), object))]
+                    pb_utils.Tensor("MODEL_VERSION", np.array([[generator.version.encode()]] * (b - a), object))]
             responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
         if self.log is not None:
             try:  # prompts are what drift monitoring reads; the completion goes in the label column
-                self.log.write_batch(prompts, [[] for _ in prompts], [g.text for g in gens], self.model_name, self.version)
+                self.log.write_batch(prompts, [[] for _ in prompts], [g.text for g in gens], self.model_name, generator.version)
             except OSError as e:
                 pb_utils.Logger.log_warn(f"prediction log write failed: {e}")
         return responses
 
     def finalize(self):
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.log is not None:
             self.log.close()

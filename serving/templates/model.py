@@ -55,12 +55,31 @@ class TritonPythonModel:
 
             self.teacher = HFTeacher(here / "artifact", device=self.device)
             self.label_names = self.teacher.label_names
+            self.watcher = None
         else:
+            from kdops.hotreload import ReloadWatcher, read_request, slot_directory
             from kdops.predict import Predictor
 
-            self.predictor = Predictor.from_dir(here / "artifact", device=self.device, max_chars=self.max_chars,
-                                                version=self.version)
+            def load(artifact, version):
+                p = Predictor.from_dir(artifact, device=self.device, max_chars=self.max_chars, version=version)
+                p.predict_proba(["warm-up", "a warm-up text of two rows"])  # first-call costs paid here
+                return p
+
+            # A hot swap may replace the weights in place (kdops.hotreload): the last request wins, also
+            # after a server restart; else the version folder's artifact.
+            reload_dir = slot_directory(Path(args["model_repository"]).parent, self.model_name)
+            req = read_request(reload_dir)
+            if req is not None and req.artifact.is_dir():
+                self.predictor, seq, self.version = load(req.artifact, req.version), req.seq, req.version
+            else:
+                self.predictor, seq = load(here / "artifact", self.version), 0
             self.label_names = self.predictor.label_names
+            try:
+                self.watcher = ReloadWatcher(reload_dir, args["model_instance_name"], load, self._install, seq,
+                                             self.version).start()
+            except OSError as e:  # a read-only repository: swaps then load a new stub, as any Triton model
+                pb_utils.Logger.log_warn(f"{self.model_name}: in-place reload off ({e})")
+                self.watcher = None
         self.log = None
         log_dir = _param(cfg, "kdops_prediction_log_dir")
         if log_dir:
@@ -69,13 +88,17 @@ class TritonPythonModel:
             source = f"{self.model_name}-v{args['model_version']}-i{args['model_instance_name'].split('_')[-1]}"
             self.log = PredictionLogWriter(log_dir, source.replace("/", "_"))
 
-    def _scores(self, texts):
+    def _install(self, predictor):
+        # One attribute assignment: a batch in flight finishes on the predictor it started with.
+        self.predictor = predictor
+
+    def _scores(self, texts, predictor):
         """(N, num_labels) float32 torch tensor: probabilities (student) or logits (teacher)."""
         import torch
 
         if self.kind == "teacher":
             return torch.from_numpy(self.teacher.logits(texts))
-        return self.predictor.logits(texts).softmax(-1).float()
+        return predictor.logits(texts).softmax(-1).float()
 
     def execute(self, requests):
         # Validate per request so one bad request fails alone; run the good ones as one batch.
@@ -94,15 +117,18 @@ class TritonPythonModel:
             responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg))
         if not texts:
             return responses
+        predictor = self.predictor if self.kind != "teacher" else None  # this batch's, even if a reload lands now
+        label_names = predictor.label_names if predictor is not None else self.label_names
+        version = predictor.version if predictor is not None else self.version
         try:
-            scores = self._scores(texts)  # (N, L)
+            scores = self._scores(texts, predictor)  # (N, L)
         except Exception as e:
             for i, _, _ in spans:
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(f"{self.model_name}: inference failed: {e}"))
             return responses
         top = scores.argmax(-1).tolist()
-        labels = [self.label_names[k] for k in top]
+        labels = [label_names[k] for k in top]
         for i, a, b in spans:
             part = scores[a:b].contiguous()
             if self.use_dlpack:
@@ -113,15 +139,17 @@ class TritonPythonModel:
                 t_scores = pb_utils.Tensor(self.out_scores, part.cpu().numpy().astype(np.float32))
             outs = [t_scores, pb_utils.Tensor(self.out_label, np.array([[x.encode()] for x in labels[a:b]], object))]
             if self.out_version:
-                outs.append(pb_utils.Tensor(self.out_version, np.array([[self.version.encode()]] * (b - a), object)))
+                outs.append(pb_utils.Tensor(self.out_version, np.array([[version.encode()]] * (b - a), object)))
             responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
         if self.log is not None:
             try:  # a full disk must not fail predictions: count and carry on
-                self.log.write_batch(texts, scores.cpu().numpy(), labels, self.model_name, self.version)
+                self.log.write_batch(texts, scores.cpu().numpy(), labels, self.model_name, version)
             except OSError as e:
                 pb_utils.Logger.log_warn(f"prediction log write failed: {e}")
         return responses
 
     def finalize(self):
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.log is not None:
             self.log.close()

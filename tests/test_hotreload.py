@@ -1,0 +1,97 @@
+"""The in-place reload protocol (kdops.hotreload) without a server: request, load, install, answer; refusals;
+timeouts; and which exported slots may take new weights in place (serving.export.reload_compatible)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from kdops.hotreload import (ReloadWatcher, read_acks, read_request, slot_directory, wait_for_acks,
+                             write_request)
+
+
+def _watcher(tmp_path, instance="m_0_0", fail=False):
+    installed = []
+
+    def load(artifact, version):
+        if fail:
+            raise ValueError(f"corrupt {artifact.name}")
+        return (artifact.name, version)
+
+    w = ReloadWatcher(tmp_path, instance, load, installed.append, seq=0, version="1-aaaa")
+    return w, installed
+
+
+def test_watcher_registers_loads_installs_and_answers(tmp_path):
+    w, installed = _watcher(tmp_path)
+    assert read_acks(tmp_path) == {"m_0_0": {"seq": 0, "ok": True, "version": "1-aaaa", "error": "", "pid": os.getpid()}}
+    assert not w.poll_once()  # nothing asked yet
+    (tmp_path / "2" / "artifact").mkdir(parents=True)
+    write_request(tmp_path, 2, "2/artifact", "2-bbbb")
+    assert w.poll_once() and not w.poll_once()  # served once, not again
+    assert installed == [("artifact", "2-bbbb")]
+    assert wait_for_acks(tmp_path, 2, timeout_s=1)["m_0_0"]["version"] == "2-bbbb"
+    w.stop()
+    assert read_acks(tmp_path) == {}  # a stopped instance is no longer waited for
+
+
+def test_a_failed_load_is_refused_and_keeps_the_installed_predictor(tmp_path):
+    w, installed = _watcher(tmp_path, fail=True)
+    write_request(tmp_path, 3, "3/artifact", "3-cccc")
+    assert w.poll_once()
+    assert installed == []
+    with pytest.raises(RuntimeError, match="m_0_0 could not load the new weights: ValueError: corrupt artifact"):
+        wait_for_acks(tmp_path, 3, timeout_s=1)
+
+
+def test_wait_needs_every_instance_and_times_out_on_a_silent_one(tmp_path):
+    a, _ = _watcher(tmp_path, "m_0_0")
+    _watcher(tmp_path, "m_0_1")  # registered, never polls: a stuck process
+    write_request(tmp_path, 5, "5/artifact", "5-eeee")
+    a.poll_once()
+    with pytest.raises(TimeoutError, match="m_0_1"):
+        wait_for_acks(tmp_path, 5, timeout_s=0.2)
+    with pytest.raises(TimeoutError, match="no instance registered"):
+        wait_for_acks(tmp_path / "nobody", 1, timeout_s=0.1)
+
+
+def test_watcher_thread_serves_requests_on_its_own(tmp_path):
+    done = threading.Event()
+    w = ReloadWatcher(tmp_path, "m_0_0", lambda a, v: v, lambda p: done.set(), poll_s=0.01).start()
+    try:
+        write_request(tmp_path, 1, "1/artifact", "1-ffff")
+        assert wait_for_acks(tmp_path, 1, timeout_s=5)["m_0_0"]["ok"] and done.is_set()
+    finally:
+        w.stop()
+
+
+def test_unreadable_or_invalid_requests_are_ignored(tmp_path):
+    (tmp_path / "request.json").write_text("{not json")
+    assert read_request(tmp_path) is None
+    (tmp_path / "request.json").write_text(json.dumps({"seq": 1}))
+    assert read_request(tmp_path) is None
+    with pytest.raises(ValueError):
+        write_request(tmp_path, 0, "x", "v")
+    assert slot_directory(tmp_path / "repo", "m__s0") == tmp_path / "repo" / ".kdops-reload" / "m__s0"
+
+
+def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_student_dir, tiny_tokenizer):
+    from kdops.artifacts import StudentMeta, save_student
+    from kdops.student import from_teacher
+    from serving.export import ExportConfig, export_student, reload_compatible
+    from tests.conftest import make_teacher
+
+    repo = tmp_path / "repo"
+    export_student(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
+    assert reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
+    assert not reload_compatible(tiny_student_dir, repo, "m__s0", 4, ExportConfig())  # not the loaded version
+    assert not reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig(max_queue_delay_us=500))
+    three = save_student(tmp_path / "three", from_teacher(make_teacher(tiny_tokenizer), num_labels=3, layers=[0],
+                                                          embedding_size=16),
+                         tiny_tokenizer, StudentMeta(label_names=["a", "b", "c"], max_length=32))
+    assert not reload_compatible(three, repo, "m__s0", 3, ExportConfig())  # other outputs: a fresh load
+    (repo / "m__s0" / "3" / "model.py").write_text("# older code\n")
+    assert not reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
