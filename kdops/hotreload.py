@@ -169,3 +169,24 @@ def slot_directory(repository: str | Path, model: str) -> Path:
     Triton never loads (a write under ``<repository>/<model>/`` would mark that model as modified, and
     Triton re-loads a modified model whenever an ensemble in front of it is re-loaded)."""
     return Path(repository) / ".kdops-reload" / model
+
+
+def start_reloadable(repository: str | Path, model: str, instance: str, artifact: Path, version: str,
+                     load: Callable[[Path, str], object], install: Callable[[object], None],
+                     warn: Callable[[str], None] = log.warning) -> tuple[object, ReloadWatcher | None]:
+    """What a serving process does at start: build its predictor, from the last reload request when its
+    artifact is still staged (a restarted server serves what was swapped in last) or else from
+    ``artifact``; then watch for reloads. No watcher (``None``, and ``warn`` says why) when the
+    repository is read-only: every swap then starts a new process, as for any Triton model."""
+    directory = slot_directory(repository, model)
+    req = read_request(directory)
+    if req is not None and req.artifact.is_dir():
+        predictor, seq, version = load(req.artifact, req.version), req.seq, req.version
+    else:
+        predictor, seq = load(artifact, version), 0
+    try:
+        watcher = ReloadWatcher(directory, instance, load, install, seq, version).start()
+    except OSError as e:
+        warn(f"{model}: in-place reload off ({e})")
+        watcher = None
+    return predictor, watcher

@@ -84,6 +84,7 @@ def test_bad_generation_requests_get_errors_and_model_keeps_serving(lm_served):
 
 
 def test_lm_hot_swap_under_load_broken_version_and_rollback(lm_served, second_lm, tmp_path):
+    from kdops.lm.predict import LMGenerator
     from serving.swap import SwapError, hot_swap, rollback
 
     server, cfg, first, _ = lm_served
@@ -117,6 +118,12 @@ def test_lm_hot_swap_under_load_broken_version_and_rollback(lm_served, second_lm
     assert {first.label, second.label} <= seen
     assert back.label.split("-")[1] == first.label.split("-")[1]
     assert _client(server).generate("gen", ["ok"], max_tokens=1).versions == [back.label]
+    # Both slots run now: the next swap replaces the standby's weights in place, and it serves them.
+    again = hot_swap(server, "gen", second_lm, cfg=cfg)
+    assert (again.method, again.slot) == ("reload", second.slot)
+    served = _client(server).generate("gen", ["a good movie"], max_tokens=4, temperature=0.0)
+    local = LMGenerator.from_dir(second_lm).generate(["a good movie"], 4, 0.0)
+    assert served.versions == [again.label] and served.texts == [local[0].text]
 
 
 def test_prompts_are_logged_and_monitored_for_drift(lm_served):

@@ -34,7 +34,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from kdops.hotreload import ReloadWatcher, read_request, slot_directory
+        from kdops.hotreload import start_reloadable
         from kdops.lm.predict import LMGenerator
 
         cfg = json.loads(args["model_config"])
@@ -57,18 +57,10 @@ class TritonPythonModel:
             return g
 
         # A hot swap may replace the weights in place (kdops.hotreload), as in serving/templates/model.py.
-        reload_dir = slot_directory(Path(args["model_repository"]).parent, self.model_name)
-        req = read_request(reload_dir)
-        if req is not None and req.artifact.is_dir():
-            self.generator, seq, self.version = load(req.artifact, req.version), req.seq, req.version
-        else:
-            self.generator, seq = load(here / "artifact", self.version), 0
-        try:
-            self.watcher = ReloadWatcher(reload_dir, args["model_instance_name"], load, self._install, seq,
-                                         self.version).start()
-        except OSError as e:  # a read-only repository: swaps then load a new stub, as any Triton model
-            pb_utils.Logger.log_warn(f"{self.model_name}: in-place reload off ({e})")
-            self.watcher = None
+        self.generator, self.watcher = start_reloadable(
+            Path(args["model_repository"]).parent, self.model_name, args["model_instance_name"],
+            here / "artifact", self.version, load, self._install, pb_utils.Logger.log_warn)
+        self.version = self.generator.version
         self.log = None
         log_dir = _param(cfg, "kdops_prediction_log_dir")
         if log_dir:

@@ -57,7 +57,7 @@ class TritonPythonModel:
             self.label_names = self.teacher.label_names
             self.watcher = None
         else:
-            from kdops.hotreload import ReloadWatcher, read_request, slot_directory
+            from kdops.hotreload import start_reloadable
             from kdops.predict import Predictor
 
             def load(artifact, version):
@@ -65,21 +65,11 @@ class TritonPythonModel:
                 p.predict_proba(["warm-up", "a warm-up text of two rows"])  # first-call costs paid here
                 return p
 
-            # A hot swap may replace the weights in place (kdops.hotreload): the last request wins, also
-            # after a server restart; else the version folder's artifact.
-            reload_dir = slot_directory(Path(args["model_repository"]).parent, self.model_name)
-            req = read_request(reload_dir)
-            if req is not None and req.artifact.is_dir():
-                self.predictor, seq, self.version = load(req.artifact, req.version), req.seq, req.version
-            else:
-                self.predictor, seq = load(here / "artifact", self.version), 0
-            self.label_names = self.predictor.label_names
-            try:
-                self.watcher = ReloadWatcher(reload_dir, args["model_instance_name"], load, self._install, seq,
-                                             self.version).start()
-            except OSError as e:  # a read-only repository: swaps then load a new stub, as any Triton model
-                pb_utils.Logger.log_warn(f"{self.model_name}: in-place reload off ({e})")
-                self.watcher = None
+            # A hot swap may replace the weights in place (kdops.hotreload).
+            self.predictor, self.watcher = start_reloadable(
+                Path(args["model_repository"]).parent, self.model_name, args["model_instance_name"],
+                here / "artifact", self.version, load, self._install, pb_utils.Logger.log_warn)
+            self.version, self.label_names = self.predictor.version, self.predictor.label_names
         self.log = None
         log_dir = _param(cfg, "kdops_prediction_log_dir")
         if log_dir:
