@@ -42,6 +42,7 @@ class ExportConfig:
     max_chars: int = field(default=20_000, metadata={"help": "Longer texts get an error response, not a prediction."})
     warmup: bool = field(default=True, metadata={"help": "Send warm-up requests before the model is marked ready."})
     prediction_log_dir: str = field(default="", metadata={"help": "Directory for the prediction log (empty: off)."})
+    dlpack_outputs: bool = field(default=False, metadata={"help": "Classifiers: return probabilities through DLPack even on CPU with numpy 1 (on a GPU or with numpy 2 they always are): lets a CPU run exercise the GPU container's output path."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation models: the most new tokens a request may ask for."})
     default_max_tokens: int = field(default=32, metadata={"help": "Generation models: new tokens when a request sends no MAX_TOKENS."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Generation models: longer prompts keep their last tokens."})
@@ -181,6 +182,8 @@ def _student_config(src: Path, name: str, version: int, cfg: ExportConfig, versi
     label = version_label or student_version_label(src, version)
     params = {"kdops_version": label, "kdops_max_chars": cfg.max_chars, "kdops_torch_threads": cfg.torch_threads,
               "kdops_label_names": json.dumps(meta.label_names)}
+    if cfg.dlpack_outputs:
+        params["kdops_dlpack_outputs"] = "1"
     if cfg.prediction_log_dir:
         params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
     return model_config(name, cfg, classifier_io(len(meta.label_names)), {"kdops_kind": "student", **params})

@@ -56,6 +56,25 @@ def test_infer_matches_local_predictor(served, tiny_student_dir):
     assert out.versions == [first.label] * 3 and set(out.labels) <= {"neg", "pos"}
 
 
+def test_dlpack_outputs_match_numpy_outputs(served, tiny_student_dir):
+    """The output path NVIDIA's GPU container takes (DLPack tensors, also forced with numpy 2), run on CPU."""
+    from kdops.predict import Predictor
+    from serving.export import ExportConfig, export_student
+
+    server = served[0]
+    export_student(tiny_student_dir, server.repository, "student_dlpack", 1, ExportConfig(dlpack_outputs=True))
+    client = _client(server)
+    client.load("student_dlpack")
+    try:
+        assert client.parameter("student_dlpack", "kdops_dlpack_outputs") == "1"  # what model.py switches on
+        texts = ["this movie was good", "awful boring plot"]
+        out = client.infer("student_dlpack", texts)
+    finally:
+        client.unload("student_dlpack")
+    np.testing.assert_allclose(out.probabilities, Predictor.from_dir(tiny_student_dir).predict_proba(texts), atol=1e-5)
+    assert out.probabilities.dtype == np.float32 and out.probabilities.shape == (2, 2)
+
+
 def test_model_control_refused_without_key(served):
     from serving.client import ServingClient, ServingError
 

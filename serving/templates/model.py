@@ -43,7 +43,8 @@ class TritonPythonModel:
         on_gpu = args["model_instance_kind"] == "GPU"
         self.device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         # numpy-2 outputs come back empty from this backend version (shared NOTES): use DLPack there.
-        self.use_dlpack = on_gpu or int(np.__version__.split(".")[0]) >= 2
+        self.use_dlpack = (on_gpu or int(np.__version__.split(".")[0]) >= 2
+                           or _param(cfg, "kdops_dlpack_outputs", "0") == "1")
         self.in_name = cfg["input"][0]["name"]
         outs = {o["name"]: o for o in cfg["output"]}
         self.out_scores = next(n for n in outs if outs[n]["data_type"] == "TYPE_FP32")
