@@ -11,7 +11,9 @@ giving <other>'s mass to the dropped ids, none of them trained:
   hidden state (p(<other>) x tail), i.e. an adaptive-softmax tail taken from the teacher; full rank;
 - ``tail_rank<r>``: the same through a rank-r SVD of those rows (what would fit the parameter budget);
 - ``spelled``: no <other>; each dropped token is spelled with kept tokens (greedy longest match), and
-  <other> is renormalised away.
+  <other> is renormalised away;
+- ``oracle_tail``: p(<other>) x the teacher's own distribution over the dropped ids in that context: the
+  best any tail could do for this student (it needs the teacher at scoring time, so it is a bound only).
 
 It prints a table and writes JSON; ``uniform_penalty_nats`` is what the uniform spread alone costs per token.
 """
@@ -77,13 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
     longest = max(map(len, kept_strings))
 
     texts = corpora.load("sentiment", split="test", domains=("movie",)).rows.head(args.eval_sentences)["text"].tolist()
-    nll = {k: 0.0 for k in ["teacher", "uniform", *tails, "spelled"]}
+    nll = {k: 0.0 for k in ["teacher", "uniform", *tails, "spelled", "oracle_tail"]}
     tokens = oov = unspellable = 0
     with torch.no_grad():
         for seq in teacher.encode(texts, args.max_length):
             ids, tgt = torch.tensor([seq]), torch.tensor(seq[1:])
-            t_lp = torch.log_softmax(teacher.model(ids).logits.float(), -1)[0, :-1]
-            nll["teacher"] -= float(t_lp.gather(-1, tgt[:, None]).sum())
+            t_logits = teacher.model(ids).logits.float()[0, :-1]  # (T-1, V)
+            nll["teacher"] -= float(torch.log_softmax(t_logits, -1).gather(-1, tgt[:, None]).sum())
+            oracle = torch.log_softmax(t_logits[:, dropped], -1)  # (T-1, D)
             hidden = student.model.model(input_ids=student.map_ids(ids)).last_hidden_state  # (1, T, H)
             lp = torch.log_softmax(student.model.lm_head(hidden)[0, :-1].float(), -1)  # (T-1, V_s)
             mapped = student.map_ids(tgt)
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
             miss = mapped == student.other_id
             tokens, oov = tokens + len(tgt), oov + int(miss.sum())
             nll["uniform"] -= float((base - math.log(len(dropped)) * miss).sum())
+            at = oracle.gather(-1, row[tgt].clamp(min=0)[:, None]).squeeze(-1)
+            nll["oracle_tail"] -= float((base + torch.where(miss, at, torch.zeros_like(at))).sum())
             h = hidden[0, :-1].float()
             for name, (rows, proj) in tails.items():
                 tail = torch.log_softmax((h if proj is None else h @ proj) @ rows.T, -1)  # (T-1, D)
