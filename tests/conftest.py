@@ -8,6 +8,9 @@ the README's test command runs everything.
 from __future__ import annotations
 
 import os
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,29 @@ def serving_client(server, key: bool = True):
     from serving.client import ServingClient
 
     return ServingClient(server.url, server.admin_key if key else "", grpc_url=server.grpc_url)
+
+
+@contextmanager
+def traffic(call, threads: int = 4):
+    """``threads`` clients running ``call()`` back to back while the block runs. Yields ``(errors, latencies)``:
+    every exception is recorded there (a test asserts ``errors == []``), never raised in a thread."""
+    stop, errors, latencies = threading.Event(), [], []
+
+    def client():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                call()
+            except Exception as e:  # any failure is a test failure, counted by the caller
+                errors.append(str(e))
+            latencies.append(time.perf_counter() - t0)
+
+    pool = [threading.Thread(target=client) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    try:
+        yield errors, latencies
+    finally:
+        stop.set()
+        for t in pool:
+            t.join()

@@ -5,7 +5,6 @@ prediction log of prompts feeding the drift monitor."""
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import numpy as np
@@ -37,7 +36,7 @@ def lm_served(tmp_path_factory, tiny_lm_dir):
         yield server, cfg, first, root
 
 
-from tests.conftest import serving_client as _client  # noqa: E402
+from tests.conftest import serving_client as _client, traffic  # noqa: E402
 
 
 def test_generation_matches_local_and_honours_inputs(lm_served, tiny_lm_dir):
@@ -88,20 +87,9 @@ def test_lm_hot_swap_under_load_broken_version_and_rollback(lm_served, second_lm
     from serving.swap import SwapError, hot_swap, rollback
 
     server, cfg, first, _ = lm_served
-    stop, errors, seen = threading.Event(), [], set()
-
-    def hammer():
-        c = _client(server, key=False)
-        while not stop.is_set():
-            try:
-                seen.update(c.generate("gen", ["good movie", "bad plot"], max_tokens=3).versions)
-            except Exception as e:  # any failure is a test failure, counted below
-                errors.append(str(e))
-
-    threads = [threading.Thread(target=hammer) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
+    seen, anon = set(), _client(server, key=False)
+    with traffic(lambda: seen.update(anon.generate("gen", ["good movie", "bad plot"], max_tokens=3).versions),
+                 threads=3) as (errors, _):
         second = hot_swap(server, "gen", second_lm, cfg=cfg)
         broken = tmp_path / "broken"
         shutil.copytree(second_lm, broken)
@@ -110,10 +98,6 @@ def test_lm_hot_swap_under_load_broken_version_and_rollback(lm_served, second_lm
             hot_swap(server, "gen", broken, cfg=cfg)
         assert _client(server).generate("gen", ["ok"], max_tokens=1).versions == [second.label]
         back = rollback(server, "gen", cfg=cfg)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert errors == []
     assert {first.label, second.label} <= seen
     assert back.label.split("-")[1] == first.label.split("-")[1]

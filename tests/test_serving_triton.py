@@ -7,7 +7,6 @@ One server for the module (start ~2 s, each slot load ~3-10 s on 2 busy cores).
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import numpy as np
@@ -42,7 +41,7 @@ def served(tmp_path_factory, tiny_student_dir):
         yield server, cfg, first, root
 
 
-from tests.conftest import serving_client as _client  # noqa: E402
+from tests.conftest import serving_client as _client, traffic  # noqa: E402
 
 
 def test_infer_matches_local_predictor(served, tiny_student_dir):
@@ -112,22 +111,8 @@ def test_hot_swap_under_load_broken_version_and_rollback(served, second_student,
     from serving.swap import SwapError, hot_swap, rollback, serving_status
 
     server, cfg, first, _ = served
-    stop, errors, seen, lat = threading.Event(), [], set(), []
-
-    def hammer():
-        c = _client(server, key=False)
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                seen.update(c.infer("student", ["good movie", "bad plot"]).versions)
-            except Exception as e:  # any failure is a test failure, counted below
-                errors.append(str(e))
-            lat.append(time.perf_counter() - t0)
-
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    seen, anon = set(), _client(server, key=False)
+    with traffic(lambda: seen.update(anon.infer("student", ["good movie", "bad plot"]).versions)) as (errors, lat):
         second = hot_swap(server, "student", second_student, cfg=cfg)
         broken = tmp_path / "broken"
         shutil.copytree(second_student, broken)
@@ -138,10 +123,6 @@ def test_hot_swap_under_load_broken_version_and_rollback(served, second_student,
             hot_swap(server, "student", broken, cfg=cfg)
         assert _client(server).infer("student", ["ok"]).versions == [second.label]
         back = rollback(server, "student", cfg=cfg)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert errors == []
     assert back.label.split("-")[1] == first.label.split("-")[1]  # same weights as the first version
     assert {first.label, second.label} <= seen
@@ -160,30 +141,14 @@ def test_swaps_reload_the_standby_slot_in_place_under_load(served, second_studen
     server, cfg, _, _ = served
     hot_swap(server, "student", second_student, cfg=cfg)  # both slots now loaded, whatever came before
     stubs = set(server.pids())
-    stop, errors = threading.Event(), []
-
-    def hammer():
-        c = _client(server, key=False)
-        while not stop.is_set():
-            try:
-                c.infer("student", ["good movie", "bad plot"])
-            except Exception as e:  # any failure is a test failure, counted below
-                errors.append(str(e))
-
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    anon = _client(server, key=False)
+    with traffic(lambda: anon.infer("student", ["good movie", "bad plot"])) as (errors, _):
         swaps = [hot_swap(server, "student", d, cfg=cfg) for d in (tiny_student_dir, second_student, tiny_student_dir)]
         broken = tmp_path / "broken"
         shutil.copytree(second_student, broken)
         (broken / "model.safetensors").write_bytes(b"\x00" * 64)
         with pytest.raises(SwapError, match="could not load the new weights.*still serving"):
             hot_swap(server, "student", broken, cfg=cfg)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert errors == []
     assert [s.method for s in swaps] == ["reload"] * 3
     assert [s.slot for s in swaps] == [swaps[0].slot, swaps[1].slot, swaps[0].slot] and swaps[0].slot != swaps[1].slot
