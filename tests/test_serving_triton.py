@@ -55,6 +55,29 @@ def test_infer_matches_local_predictor(served, tiny_student_dir):
     assert out.versions == [first.label] * 3 and set(out.labels) <= {"neg", "pos"}
 
 
+def test_in_place_reload_waits_for_every_instance(served, second_student, tiny_student_dir):
+    """Two instances per slot: a reload is done only when both stubs answered, and every request after the
+    swap, whichever instance serves it, gets the new version."""
+    from kdops.hotreload import read_acks, slot_directory
+    from serving.export import ExportConfig
+    from serving.swap import SwapConfig, deploy, hot_swap
+
+    server = served[0]
+    cfg = SwapConfig(export=ExportConfig(instance_count=2, warmup=False))
+    deploy(server, "multi", tiny_student_dir, cfg=cfg)
+    hot_swap(server, "multi", second_student, cfg=cfg)
+    third = hot_swap(server, "multi", tiny_student_dir, cfg=cfg)
+    client = _client(server)
+    try:
+        assert third.method == "reload"
+        assert {v for _ in range(20) for v in client.infer("multi", ["good movie"] * 3).versions} == {third.label}
+        acks = read_acks(slot_directory(server.repository, third.slot))
+        assert len(acks) == 2 and {a["seq"] for a in acks.values()} == {third.version}
+    finally:
+        for name in ("multi", "multi__s0", "multi__s1"):
+            client.unload(name)
+
+
 def test_dlpack_outputs_match_numpy_outputs(served, tiny_student_dir):
     """The output path NVIDIA's GPU container takes (DLPack tensors, also forced with numpy 2), run on CPU."""
     from kdops.predict import Predictor
