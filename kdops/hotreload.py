@@ -165,10 +165,13 @@ class ReloadWatcher:
 
 
 def slot_directory(repository: str | Path, model: str) -> Path:
-    """Where a model repository keeps the reload requests of ``model``: beside the models, in a folder
-    Triton never loads (a write under ``<repository>/<model>/`` would mark that model as modified, and
-    Triton re-loads a modified model whenever an ensemble in front of it is re-loaded)."""
-    return Path(repository) / ".kdops-reload" / model
+    """Where the reload requests of ``<repository>/<model>`` live: ``<repository>.kdops-reload/<model>/``,
+    beside the repository, never inside it. Inside, a Triton that loads every folder of its repository
+    (NVIDIA's default, ``--model-control-mode=none``) failed to start on the unknown folder (measured), and a
+    write under ``<repository>/<model>/`` marks that model as modified, so Triton re-loads it whenever an
+    ensemble in front of it is re-loaded."""
+    repository = Path(repository)
+    return repository.parent / f"{repository.name}.kdops-reload" / model
 
 
 def start_reloadable(repository: str | Path, model: str, instance: str, artifact: Path, version: str,

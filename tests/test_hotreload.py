@@ -75,7 +75,7 @@ def test_unreadable_or_invalid_requests_are_ignored(tmp_path):
     assert read_request(tmp_path) is None
     with pytest.raises(ValueError):
         write_request(tmp_path, 0, "x", "v")
-    assert slot_directory(tmp_path / "repo", "m__s0") == tmp_path / "repo" / ".kdops-reload" / "m__s0"
+    assert slot_directory(tmp_path / "repo", "m__s0") == tmp_path / "repo.kdops-reload" / "m__s0"  # outside the repo
 
 
 def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_student_dir, tiny_tokenizer):

@@ -76,6 +76,7 @@ def test_in_place_reload_waits_for_every_instance(served, second_student, tiny_s
     finally:
         for name in ("multi", "multi__s0", "multi__s1"):
             client.unload(name)
+            shutil.rmtree(server.repository / name)
 
 
 def test_dlpack_outputs_match_numpy_outputs(served, tiny_student_dir):
@@ -93,6 +94,7 @@ def test_dlpack_outputs_match_numpy_outputs(served, tiny_student_dir):
         out = client.infer("student_dlpack", texts)
     finally:
         client.unload("student_dlpack")
+        shutil.rmtree(server.repository / "student_dlpack")
     np.testing.assert_allclose(out.probabilities, Predictor.from_dir(tiny_student_dir).predict_proba(texts), atol=1e-5)
     assert out.probabilities.dtype == np.float32 and out.probabilities.shape == (2, 2)
 
@@ -210,3 +212,15 @@ def test_served_teacher_matches_local(served, tiny_tokenizer, tiny_teacher, tmp_
     texts = ["good movie", "the plot was awful and boring"]
     np.testing.assert_allclose(remote.logits(texts), local.logits(texts), atol=1e-4)
     assert remote.label_names == ["neg", "pos"] and remote.id == local.id
+
+
+def test_repository_starts_in_a_stock_triton_loading_everything(served):
+    """NVIDIA's container loads every folder of its repository by default (--model-control-mode=none) and
+    exits if one fails: after swaps and in-place reloads the repository must still hold only models."""
+    from serving.server import ServerConfig, TritonServer
+
+    server = served[0]
+    stock = TritonServer(ServerConfig(repository=str(server.repository), extra_args=("--model-control-mode=none",)))
+    with stock:
+        out = _client(stock).infer("student", ["good movie"])
+    assert len(out.versions) == 1 and out.probabilities.shape == (1, 2)
