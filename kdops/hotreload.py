@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kdops.proc import lower_this_thread
+
 log = logging.getLogger(__name__)
 
 REQUEST = "request.json"
@@ -101,7 +103,7 @@ class ReloadWatcher:
 
     ``load(artifact_dir, version)`` builds a predictor (and should warm it up); ``install(predictor)``
     makes it the one that answers. Both run in the watcher's thread, which lowers its own priority to
-    ``nice`` first (Linux priorities are per thread): the serving thread keeps the CPU. A failed load
+    ``nice`` and SCHED_IDLE first (``kdops.proc.lower_this_thread``): the serving thread keeps the CPU. A failed load
     answers ``ok: false`` and leaves the installed predictor alone.
     """
 
@@ -141,11 +143,7 @@ class ReloadWatcher:
         return True
 
     def _run(self) -> None:
-        if hasattr(os, "setpriority"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
-            except OSError:
-                pass
+        lower_this_thread(self.nice)  # nice 19 and SCHED_IDLE: the serving thread wins every wake-up
         while not self._stop.wait(self.poll_s):
             try:
                 self.poll_once()

@@ -25,3 +25,44 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def lower_this_thread(nice: int = 19) -> None:
+    """Put the calling thread (only it: Linux priorities are per thread) at nice ``nice`` and SCHED_IDLE.
+
+    Why SCHED_IDLE too: a thread at nice 19 that holds the CPU when a normal thread wakes may keep it for
+    the rest of its slice (EEVDF protects a running slice); a SCHED_IDLE one is preempted at once. Not
+    reversible without privileges, so only for threads that exist for background work.
+    """
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+    except (AttributeError, OSError):
+        pass
+
+
+def run_in_idle_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a short-lived thread at the lowest priority; its result, or its exception."""
+    import threading
+
+    out: dict = {}
+
+    def work():
+        lower_this_thread()
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed back to the caller below
+            out["error"] = e
+
+    t = threading.Thread(target=work, name="kdops-idle-work")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]

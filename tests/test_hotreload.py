@@ -95,3 +95,18 @@ def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_studen
     assert not reload_compatible(three, repo, "m__s0", 3, ExportConfig())  # other outputs: a fresh load
     (repo / "m__s0" / "3" / "model.py").write_text("# older code\n")
     assert not reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
+
+
+def test_idle_thread_work_returns_results_and_raises_errors():
+    from kdops.proc import run_in_idle_thread
+
+    def policy():
+        return os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+
+    caller = policy()
+    assert run_in_idle_thread(lambda a, b: a + b, 2, b=3) == 5
+    if hasattr(os, "SCHED_IDLE"):
+        assert run_in_idle_thread(policy) == os.SCHED_IDLE
+    assert policy() == caller  # only the worker thread was lowered
+    with pytest.raises(KeyError, match="missing"):
+        run_in_idle_thread(lambda: {}["missing"])
