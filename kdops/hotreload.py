@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kdops.proc import lower_this_thread
+from kdops.proc import run_in_idle_thread
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +101,19 @@ def wait_for_acks(directory: str | Path, seq: int, timeout_s: float, poll_s: flo
 class ReloadWatcher:
     """Polls ``directory`` for a new request and serves it; one per serving process (model instance).
 
-    ``load(artifact_dir, version)`` builds a predictor (and should warm it up); ``install(predictor)``
-    makes it the one that answers. Both run in the watcher's thread, which lowers its own priority to
-    ``nice`` and SCHED_IDLE first (``kdops.proc.lower_this_thread``): the serving thread keeps the CPU. A failed load
+    ``load(artifact_dir, version)`` builds a predictor (and should warm it up); it runs at the lowest
+    priority (``idle``: nice 19 and SCHED_IDLE, ``kdops.proc.run_in_idle_thread``), so serving keeps the
+    CPU. ``install(predictor)`` makes it the one that answers. The watcher's own thread stays at normal
+    priority: it only stats a file per poll. A failed load
     answers ``ok: false`` and leaves the installed predictor alone.
     """
 
     def __init__(self, directory: str | Path, instance: str, load: Callable[[Path, str], object],
                  install: Callable[[object], None], seq: int = 0, version: str = "",
-                 poll_s: float = 0.05, nice: int = 19):
+                 poll_s: float = 0.05, idle: bool = True):
         self.directory, self.instance = Path(directory), instance.replace("/", "_")
-        self.load, self.install, self.seq, self.poll_s, self.nice = load, install, seq, poll_s, nice
+        self.load, self.install, self.seq, self.poll_s, self.idle = load, install, seq, poll_s, idle
+        self._seen: tuple | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -126,13 +128,25 @@ class ReloadWatcher:
 
     def poll_once(self) -> bool:
         """Serve a pending request, if any; True when one was served (loaded or refused)."""
+        try:  # a stat per poll; the file is read only when it changed
+            st = os.stat(self.directory / REQUEST)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            return False
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
         req = read_request(self.directory)
         if req is None or req.seq <= self.seq:
             return False
         self.seq = req.seq
         t0 = time.perf_counter()
         try:
-            predictor = self.load(req.artifact, req.version)
+            # The build runs in a short-lived thread at the lowest priority (nice 19, SCHED_IDLE). Not this
+            # thread: it also runs in the serving process, and a lowered thread that gets preempted while
+            # holding the GIL stalls the serving thread behind it (priority inversion).
+            predictor = run_in_idle_thread(self.load, req.artifact, req.version) if self.idle else \
+                self.load(req.artifact, req.version)
         except Exception as e:  # a corrupt artifact, a shape mismatch: refuse it, keep serving what we have
             log.warning("reload %d of %s refused: %s", req.seq, req.artifact, e)
             self._ack(req.seq, False, req.version, f"{type(e).__name__}: {e}")
@@ -143,7 +157,6 @@ class ReloadWatcher:
         return True
 
     def _run(self) -> None:
-        lower_this_thread(self.nice)  # nice 19 and SCHED_IDLE: the serving thread wins every wake-up
         while not self._stop.wait(self.poll_s):
             try:
                 self.poll_once()

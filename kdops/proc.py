@@ -32,7 +32,9 @@ def lower_this_thread(nice: int = 19) -> None:
 
     Why SCHED_IDLE too: a thread at nice 19 that holds the CPU when a normal thread wakes may keep it for
     the rest of its slice (EEVDF protects a running slice); a SCHED_IDLE one is preempted at once. Not
-    reversible without privileges, so only for threads that exist for background work.
+    reversible without privileges, so only for threads that exist for background work, and not in a
+    process that serves meanwhile: preempted while holding the GIL, such a thread stalls every other
+    thread of its process behind it (priority inversion).
     """
     import os
     import threading

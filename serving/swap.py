@@ -35,7 +35,6 @@ import numpy as np
 
 from serving.client import ServingClient, ServingError
 from kdops.hotreload import read_acks, slot_directory, wait_for_acks, write_request
-from kdops.proc import run_in_idle_thread
 from serving.export import (LM_IO, ExportConfig, artifact_kind, classifier_io, export_artifact, reload_compatible,
                             stage_reload, version_label, write_ensemble)
 
@@ -156,18 +155,17 @@ def _smoke(client: ServingClient, name: str, kind: str, texts: list[str], label:
     """Ask ``name`` the smoke batch; compare with the local prediction of ``artifact_dir`` when given."""
     if kind == "causal-lm":
         expected = None
-        if artifact_dir is not None:  # the local reference runs at idle priority: serving keeps the CPU
+        if artifact_dir is not None:
             from kdops.lm.predict import LMGenerator
 
-            expected = [g.text for g in run_in_idle_thread(
-                lambda: LMGenerator.from_dir(artifact_dir).generate(texts, cfg.smoke_tokens, 0.0))]
+            expected = [g.text for g in LMGenerator.from_dir(artifact_dir).generate(texts, cfg.smoke_tokens, 0.0)]
         check_lm_smoke(client.generate(name, texts, cfg.smoke_tokens, 0.0), texts, label, expected, cfg.smoke_tokens)
         return
     expected = None
     if artifact_dir is not None:
         from kdops.predict import Predictor
 
-        expected = run_in_idle_thread(lambda: Predictor.from_dir(artifact_dir).predict_proba(texts))
+        expected = Predictor.from_dir(artifact_dir).predict_proba(texts)
     check_smoke(client.infer(name, texts), texts, label, expected, cfg.atol)
 
 
