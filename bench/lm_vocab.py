@@ -6,7 +6,8 @@ A trimmed student (kdops.lm.student) scores a dropped id as p(<other>) / #droppe
 held-out movie sentences as bench/lm.py, with the same teacher tokens and normaliser, under other ways of
 giving <other>'s mass to the dropped ids, none of them trained:
 
-- ``uniform``: the student as built (what bench/lm.py reports);
+- ``uniform``: p(<other>) / #dropped (how students scored before kdops.lm.tail);
+- ``fitted``: the tail the round fitted and stored with the student (kdops.lm.tail; what bench/lm.py reports);
 - ``tail_full``: a softmax over the teacher's embedding rows of the dropped ids, fed the student's last
   hidden state (p(<other>) x tail), i.e. an adaptive-softmax tail taken from the teacher; full rank;
 - ``tail_rank<r>``: the same through a rank-r SVD of those rows (what would fit the parameter budget);
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     longest = max(map(len, kept_strings))
 
     texts = corpora.load("sentiment", split="test", domains=("movie",)).rows.head(args.eval_sentences)["text"].tolist()
-    nll = {k: 0.0 for k in ["teacher", "uniform", *tails, "spelled", "oracle_tail"]}
+    nll = {k: 0.0 for k in ["teacher", "uniform", "fitted", *tails, "spelled", "oracle_tail"]}
     tokens = oov = unspellable = 0
     with torch.no_grad():
         for seq in teacher.encode(texts, args.max_length):
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             miss = mapped == student.other_id
             tokens, oov = tokens + len(tgt), oov + int(miss.sum())
             nll["uniform"] -= float((base - math.log(len(dropped)) * miss).sum())
+            nll["fitted"] -= float((base + student.tail_logprob[tgt] * miss).sum())
             at = oracle.gather(-1, row[tgt].clamp(min=0)[:, None]).squeeze(-1)
             nll["oracle_tail"] -= float((base + torch.where(miss, at, torch.zeros_like(at))).sum())
             h = hidden[0, :-1].float()

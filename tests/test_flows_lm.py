@@ -62,7 +62,7 @@ def test_lm_loop_register_serve_continue_and_reject(tmp_path, monkeypatch, harne
                       triton_url=triton.url, triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key,
                       repository=str(triton.repository), prediction_log=str(tmp_path / "predlog"), model="lm")
     cfg = LMDistillConfig(steps=6, batch_size=4, topk=8, lr=1e-3, replay_fraction=0.25)
-    shape = LMShape(layers=2, trim_vocab=None)
+    shape = LMShape(layers=2, trim_vocab=0)  # vocabulary trimmed to the text's words: <other> and its tail in play
     loose = LMGateThresholds(max_ppl_ratio=1e6, max_domain_ppl_increase=10.0)
     train1 = save_snapshot(ctx, pd.concat([_rows(A, "a"), _rows(B, "b")]), None)
     eval_id = save_snapshot(ctx, pd.concat([_rows(A[:2], "a"), _rows(B[:2], "b")]), None)
@@ -74,11 +74,14 @@ def test_lm_loop_register_serve_continue_and_reject(tmp_path, monkeypatch, harne
     assert reg.champion("lm") == r1["version"]
     lineage = reg.lineage("lm", r1["version"])
     assert lineage["layers"] == [0, 3] and lineage["snapshot_ids"]["train"] == train1
+    assert lineage["tail"]["prior"] in ("uniform", "zipf")  # the dropped-id tail was fitted on the round's text
     prompts = ["the movie was", "where is the"]
     served = ServingClient(triton.url).generate("lm", prompts, max_tokens=5, temperature=0.0)
     assert served.texts == [g.text for g in LMGenerator.from_dir(r1["artifact"]).generate(prompts, 5, 0.0)]
     student, _, meta = reg.load("lm", "champion")  # the registry hands back an LM student, not a classifier
     assert meta["kind"] == "causal-lm" and student.num_parameters() == r1["summary"]["student_params"]
+    assert student.trimmed and float(student.tail_logprob.exp().sum()) == pytest.approx(
+        student.keep_ids.numel() + 1.0, abs=1e-3)  # exp(0) at kept ids, + a distribution over the dropped ones
 
     # Round 2: new text, continue the champion with replay of round 1; gated per domain against it.
     champion = {"version": r1["version"], "artifact": r1["artifact"], "report": r1["summary"]}

@@ -180,6 +180,18 @@ def test_save_load_round_trip_and_checksum(tmp_path, monkeypatch):
     x = torch.tensor([[1, 4, 70, 9]])
     assert tok == "tok" and torch.equal(loaded.keep_ids, student.keep_ids)
     assert torch.allclose(loaded(x), student(x), atol=1e-6)
+    assert torch.allclose(loaded.tail_logprob, student.tail_logprob)  # uniform: nothing fitted
+    # a fitted tail travels with the artifact and changes how dropped ids score
+    tail = torch.zeros(V)
+    tail[50:] = torch.log_softmax(-torch.arange(V - 50, dtype=torch.float32), 0)
+    student.set_tail(tail)
+    loaded, _, _ = load_lm_student(save_lm_student(tmp_path / "t", student, TinyTokenizer()))
+    assert torch.equal(loaded.tail_logprob, tail)
+    full = torch.arange(V).expand(1, 4, V)
+    with torch.no_grad():
+        lp = loaded.full_logprobs(loaded(x), full)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(1, 4), atol=1e-5)
+    assert float(lp[0, 0, 50] - lp[0, 0, 51]) == pytest.approx(1.0, abs=1e-5)
     with open(d / "model.safetensors", "r+b") as fh:  # flip a byte: the checksum must catch it
         fh.seek(-3, 2)
         b = fh.read(1)
@@ -278,3 +290,31 @@ def test_layer_influence_keeps_the_layers_that_change_the_hidden_state():
     assert select_by_influence(infl, 3) == [0, 1, 3]
     with pytest.raises(ValueError):
         select_by_influence(infl, 1)
+
+
+def test_fitted_tail_learns_which_dropped_ids_occur():
+    from kdops.lm.tail import fit_tail, uniform_tail
+
+    keep = torch.arange(60)  # ids 60..99 are dropped; text uses 60..64 often, 90 once, the rest never
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(200):
+        body = torch.randint(3, 60, (10,), generator=g).tolist()
+        body[int(torch.randint(0, 10, (1,), generator=g))] = 60 + i % 5
+        seqs.append([1] + body + ([90] if i == 7 else []))
+    fit = fit_tail(V, keep, seqs, None, seed=0)
+    p = fit.logprob.exp()
+    assert float(p[keep].sum()) == pytest.approx(60.0)  # log 0 = 0 at kept ids
+    assert float(p[60:].sum()) == pytest.approx(1.0, abs=1e-5)
+    assert fit.heldout_tokens > 0 and fit.weight > 0 and fit.heldout_nats < fit.uniform_nats == pytest.approx(math.log(40))
+    assert float(p[62]) > 0.15 and float(p[90]) > float(p[95]) > 0  # never-seen ids keep some mass
+    # the teacher's top-k mass counts too: a dropped id the text never uses but the teacher expects
+    topk = [(np.full((len(s) - 1, 1), 77, np.int32), np.zeros((len(s) - 1, 1), np.float32)) for s in seqs]
+    fit2 = fit_tail(V, keep, seqs, topk, seed=0)
+    assert float(fit2.logprob[77]) > float(fit.logprob[77]) + 1.0
+    # no dropped ids in the text and no teacher: the fit falls back to a prior, still a distribution
+    plain = fit_tail(V, keep, [[1, 5, 6, 7]] * 10, None)
+    assert plain.weight == 0.0 and float(plain.logprob.exp()[60:].sum()) == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(uniform_tail(V, keep).exp()[60:], torch.full((40,), 1 / 40))
+    with pytest.raises(ValueError, match="trimmed"):
+        prune_layers(tiny_llama(2), [0]).set_tail(fit.logprob)

@@ -19,6 +19,7 @@ from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import LMEvalConfig, LMReport, measure_generation, perplexity, top1_agreement
 from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, save_lm_student,
                                select_by_influence, select_layers)
+from kdops.lm.tail import fit_tail
 from kdops.lm.teacher import HFCausalLMTeacher
 
 
@@ -75,12 +76,19 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
     replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []
     res = distill_round(student, teacher, cache, seqs, cfg, replay=replay, pad_id=teacher.pad_id, device=device,
                         progress=progress)
+    tail = None
+    if student.trimmed:  # <other>'s spread over the dropped ids, from this round's text and cached teacher top-k
+        pool = [list(s) for s in [*seqs, *replay] if len(s) > 1]
+        topk = cache.get_or_compute_topk(teacher, pool, cfg.topk) if cfg.alpha < 1.0 else None
+        fit = fit_tail(student.full_vocab_size, student.keep_ids.cpu(), pool, topk, seed=cfg.seed)
+        student.set_tail(fit.logprob)
+        tail = fit.summary()
     lin = {"teacher_id": teacher.id, "layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
            "parent_artifact": str(champion_dir) if champion_dir else None, "distill": res["config"],
-           "sequences": len(seqs), "replay": len(replay), "max_length": max_length, **(lineage or {})}
+           "sequences": len(seqs), "replay": len(replay), "max_length": max_length, "tail": tail, **(lineage or {})}
     out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin)
     info = {k: v for k, v in res.items() if k != "history"}
-    info.update(layers=layers, seconds=round(time.perf_counter() - t0, 1))
+    info.update(layers=layers, tail=tail, seconds=round(time.perf_counter() - t0, 1))
     return LMRoundResult(Path(out), res["history"], info)
 
 

@@ -9,8 +9,9 @@
   49,152 x 576 embedding, so no layer-pruned student is under 21% of the teacher. A student may keep
   only the ids that matter in its domain (Ushio et al. 2023, vocabulary trimming) plus one ``<other>``
   row. It stays a proper distribution over the full vocabulary: a dropped id gets
-  ``p(<other>) / (#dropped)``, so perplexities stay comparable with the teacher's, and dropped ids that
-  occur in held-out text are paid for in full. Generation never emits ``<other>``.
+  ``p(<other>) x tail(id)``, where the tail is uniform over the dropped ids until a round fits it
+  (kdops.lm.tail), so perplexities stay comparable with the teacher's, and dropped ids that occur in
+  held-out text are paid for in full. Generation never emits ``<other>``.
 - ``from_config``: a random-init ``LlamaForCausalLM`` of any shape with the teacher's tokenizer.
 
 ``LMStudent`` wraps the HF model and the id map; ``save_lm_student`` / ``load_lm_student`` write and read
@@ -20,7 +21,6 @@ safetensors + config + tokenizer + ``kdops.json`` lineage with a SHA-256 check (
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdops.artifacts import ArtifactError, file_sha256
+from kdops.lm.tail import uniform_tail
 from kdops.paths import atomic_dir
 
 WEIGHTS, VOCAB_MAP, META = "model.safetensors", "vocab_map.safetensors", "kdops.json"
@@ -82,19 +83,26 @@ def select_by_influence(influence: Sequence[float], num_layers: int) -> list[int
 class LMStudent(nn.Module):
     """A causal LM over a (possibly trimmed) vocabulary that scores and generates in full-vocabulary ids."""
 
-    def __init__(self, model: nn.Module, full_vocab_size: int, keep_ids: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, full_vocab_size: int, keep_ids: torch.Tensor | None = None,
+                 tail_logprob: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.full_vocab_size = int(full_vocab_size)
         if keep_ids is None:
             self.register_buffer("keep_ids", torch.zeros(0, dtype=torch.long), persistent=False)
             self.register_buffer("to_student", torch.zeros(0, dtype=torch.long), persistent=False)
+            self.register_buffer("tail_logprob", torch.zeros(0), persistent=False)
         else:
             keep_ids = torch.as_tensor(keep_ids, dtype=torch.long)
             to_student = torch.full((full_vocab_size,), len(keep_ids), dtype=torch.long)  # default: <other>
             to_student[keep_ids] = torch.arange(len(keep_ids))
             self.register_buffer("keep_ids", keep_ids, persistent=False)
             self.register_buffer("to_student", to_student, persistent=False)
+            # log p(id | <other>) at dropped ids (kdops.lm.tail); uniform until a round fits it
+            tail = uniform_tail(full_vocab_size, keep_ids) if tail_logprob is None else torch.as_tensor(tail_logprob).float()
+            if tail.shape != (full_vocab_size,):
+                raise ValueError(f"tail_logprob must have shape ({full_vocab_size},); got {tuple(tail.shape)}.")
+            self.register_buffer("tail_logprob", tail, persistent=False)
 
     @property
     def trimmed(self) -> bool:
@@ -109,7 +117,17 @@ class LMStudent(nn.Module):
         return self.model.config
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """The model's parameters plus, when trimmed, the tail's entries (one per dropped id)."""
+        tail = self.full_vocab_size - int(self.keep_ids.numel()) if self.trimmed else 0
+        return sum(p.numel() for p in self.model.parameters()) + tail
+
+    def set_tail(self, logprob: torch.Tensor) -> None:
+        """Install a fitted dropped-id distribution (kdops.lm.tail.fit_tail)."""
+        if not self.trimmed:
+            raise ValueError("only a trimmed student has a tail.")
+        if logprob.shape != self.tail_logprob.shape:
+            raise ValueError(f"tail must have shape {tuple(self.tail_logprob.shape)}; got {tuple(logprob.shape)}.")
+        self.tail_logprob = logprob.float().to(self.tail_logprob.device)
 
     def map_ids(self, full_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary ids -> student ids (dropped ids -> ``<other>``); identity when untrimmed."""
@@ -125,9 +143,8 @@ class LMStudent(nn.Module):
         squeeze = full_ids.dim() == lp.dim() - 1
         idx = full_ids.unsqueeze(-1) if squeeze else full_ids
         out = lp.gather(-1, self.map_ids(idx))
-        if self.trimmed:  # <other> spreads its mass uniformly over the dropped ids
-            dropped = self.full_vocab_size - int(self.keep_ids.numel())
-            out = out - math.log(dropped) * (self.map_ids(idx) == self.other_id)
+        if self.trimmed:  # <other>'s mass is spread over the dropped ids by the tail (uniform by default)
+            out = out + self.tail_logprob[idx] * (self.map_ids(idx) == self.other_id)
         return out.squeeze(-1) if squeeze else out
 
     def top1_full(self, logits: torch.Tensor) -> torch.Tensor:
@@ -200,6 +217,9 @@ def prune_layers(teacher: nn.Module, layers: Sequence[int], keep_ids: Sequence[i
         cfg.vocab_size = len(keep) + 1  # + <other>
     student = AutoModelForCausalLM.from_config(cfg, dtype=emb.dtype)
     t_state, s_state = teacher.state_dict(), student.state_dict()
+    # vocabulary-sized matrices, told apart by identity, not shape (an MLP may be as wide as a tiny vocabulary)
+    vocab_params = {id(m.weight) for m in (student.get_input_embeddings(), student.get_output_embeddings()) if m is not None}
+    vocab_names = {n for n, p in student.named_parameters(remove_duplicate=False) if id(p) in vocab_params}
     for name in s_state:
         src = name
         if ".layers." in name:  # model.layers.{i}.xxx -> teacher layer layers[i]
@@ -207,7 +227,7 @@ def prune_layers(teacher: nn.Module, layers: Sequence[int], keep_ids: Sequence[i
             i, tail = rest.split(".", 1)
             src = f"{head}.layers.{layers[int(i)]}.{tail}"
         w = t_state[src]
-        if keep_ids is not None and w.shape[0] == tcfg.vocab_size and w.dim() == 2:
+        if keep_ids is not None and name in vocab_names:
             dropped = torch.ones(tcfg.vocab_size, dtype=torch.bool)
             dropped[keep] = False
             # <other>: the mean of the dropped rows, a neutral start for inputs and for the bucket's logit
@@ -239,7 +259,8 @@ def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineag
         student.model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if student.trimmed:
-            save_file({"keep_ids": student.keep_ids.cpu().contiguous()}, str(tmp / VOCAB_MAP))
+            save_file({"keep_ids": student.keep_ids.cpu().contiguous(),
+                       "tail_logprob": student.tail_logprob.cpu().contiguous()}, str(tmp / VOCAB_MAP))
         meta = {
             "kind": "causal-lm",
             "full_vocab_size": student.full_vocab_size,
@@ -272,11 +293,18 @@ def load_lm_student(directory: str | Path, device: str | torch.device = "cpu", v
         if verify and file_sha256(path) != digest:
             raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt or was replaced.")
     try:
-        keep = load_file(str(directory / VOCAB_MAP))["keep_ids"] if meta.get("trimmed_vocab") else None
+        vocab_map = load_file(str(directory / VOCAB_MAP)) if meta.get("trimmed_vocab") else {}
+        keep, tail = vocab_map.get("keep_ids"), vocab_map.get("tail_logprob")  # no tail: uniform (older students)
         config = AutoConfig.from_pretrained(str(directory))
         drop_quantization(config)  # students saved before the teacher config was cleaned carry a GGUF marker
         model = AutoModelForCausalLM.from_pretrained(str(directory), config=config, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise ArtifactError(f"{directory}: unusable LM student ({e}).") from e
-    return LMStudent(model, int(meta["full_vocab_size"]), keep).to(device).eval(), tokenizer, meta
+    if meta.get("trimmed_vocab") and keep is None:
+        raise ArtifactError(f"{directory}/{VOCAB_MAP} holds no keep_ids.")
+    try:
+        student = LMStudent(model, int(meta["full_vocab_size"]), keep, tail)
+    except ValueError as e:
+        raise ArtifactError(f"{directory}: unusable LM student ({e}).") from e
+    return student.to(device).eval(), tokenizer, meta
