@@ -27,11 +27,15 @@ def _client(url, grpc_url, key):
     return ServingClient(url, key or "", grpc_url=grpc_url or "")
 
 
-def _swap_cfg(prediction_log):
+StreamingOption = typer.Option(False, "--streaming", help="Generation models: export a decoupled model that streams "
+                               "text as it is generated (`generate --stream`, gRPC streams, HTTP generate_stream).")
+
+
+def _swap_cfg(prediction_log, streaming: bool = False):
     from serving.export import ExportConfig
     from serving.swap import SwapConfig
 
-    return SwapConfig(export=ExportConfig(prediction_log_dir=str(prediction_log or "")))
+    return SwapConfig(export=ExportConfig(prediction_log_dir=str(prediction_log or ""), streaming=streaming))
 
 
 def _fail(e: Exception) -> None:
@@ -50,6 +54,7 @@ def serve(
     admin_key: str = KeyOption,
     log_file: Path = typer.Option(None, help="Server log file (default: in a temporary work dir)."),
     prediction_log: Path = LogDirOption,
+    streaming: bool = StreamingOption,
 ) -> None:
     """Start the embedded tritonserver and keep it running until Ctrl-C."""
     from serving.server import ServerConfig, TritonServer
@@ -59,7 +64,7 @@ def serve(
                        metrics_port=metrics_port, admin_key=admin_key or "", log_file=str(log_file or ""))
     with TritonServer(cfg) as server:
         if student:
-            deploy(server, model, student, cfg=_swap_cfg(prediction_log))
+            deploy(server, model, student, cfg=_swap_cfg(prediction_log, streaming))
         typer.echo(json.dumps({"http": server.url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                                "log": str(server.log_path), "repository": str(server.repository)}))
         if not admin_key:
@@ -74,13 +79,13 @@ def serve(
 @app.command("deploy")
 def deploy_cmd(student: Path = typer.Argument(..., help="Student artifact dir."), repository: Path = RepoOption,
                model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
-               prediction_log: Path = LogDirOption) -> None:
+               prediction_log: Path = LogDirOption, streaming: bool = StreamingOption) -> None:
     """Export a student and serve it under the model name (first deployment or a new version)."""
     from serving.swap import deploy
 
     try:
         typer.echo(json.dumps(deploy(_client(url, grpc_url, admin_key), model, student, repository,
-                                     _swap_cfg(prediction_log)).to_dict()))
+                                     _swap_cfg(prediction_log, streaming)).to_dict()))
     except Exception as e:
         _fail(e)
 
@@ -88,13 +93,13 @@ def deploy_cmd(student: Path = typer.Argument(..., help="Student artifact dir.")
 @app.command("swap")
 def swap_cmd(student: Path = typer.Argument(..., help="New student artifact dir."), repository: Path = RepoOption,
              model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
-             prediction_log: Path = LogDirOption) -> None:
+             prediction_log: Path = LogDirOption, streaming: bool = StreamingOption) -> None:
     """Hot swap: load beside the old version, verify, switch, unload the old. A failure keeps the old one."""
     from serving.swap import hot_swap
 
     try:
         typer.echo(json.dumps(hot_swap(_client(url, grpc_url, admin_key), model, student, repository,
-                                       _swap_cfg(prediction_log)).to_dict()))
+                                       _swap_cfg(prediction_log, streaming)).to_dict()))
     except Exception as e:
         _fail(e)
 
@@ -102,13 +107,14 @@ def swap_cmd(student: Path = typer.Argument(..., help="New student artifact dir.
 @app.command("rollback")
 def rollback_cmd(repository: Path = RepoOption, model: str = ModelOption, url: str = UrlOption,
                  grpc_url: str = GrpcOption, admin_key: str = KeyOption,
-                 steps: int = typer.Option(1, help="How many swaps back."), prediction_log: Path = LogDirOption) -> None:
+                 steps: int = typer.Option(1, help="How many swaps back."), prediction_log: Path = LogDirOption,
+                 streaming: bool = StreamingOption) -> None:
     """Put a previous version back, by the same hot swap."""
     from serving.swap import rollback
 
     try:
         typer.echo(json.dumps(rollback(_client(url, grpc_url, admin_key), model, repository,
-                                       _swap_cfg(prediction_log), steps).to_dict()))
+                                       _swap_cfg(prediction_log, streaming), steps).to_dict()))
     except Exception as e:
         _fail(e)
 
@@ -126,12 +132,29 @@ def status_cmd(repository: Path = RepoOption, model: str = ModelOption, url: str
 
 @app.command("generate")
 def generate_cmd(prompts: list[str] = typer.Argument(..., help="One or more prompts."), model: str = ModelOption,
-                 url: str = UrlOption,
+                 url: str = UrlOption, grpc_url: str = GrpcOption,
                  max_tokens: int = typer.Option(None, "--max-tokens", help="New tokens per prompt (default: the model's)."),
-                 temperature: float = typer.Option(None, "--temperature", help="0 = greedy (default); > 0 samples.")) -> None:
+                 temperature: float = typer.Option(None, "--temperature", help="0 = greedy (default); > 0 samples."),
+                 stream: bool = typer.Option(False, "--stream", help="Print text as a streaming model (deployed with "
+                                             "--streaming) generates it: raw text for one prompt, else a JSON line per "
+                                             "piece. Needs --grpc-url.")) -> None:
     """Ask a served generation model (a causal-LM student) for continuations; prints JSON lines."""
+    client = _client(url, grpc_url, None)
+    if stream:
+        try:
+            for piece in client.generate_stream(model, prompts, max_tokens, temperature):
+                if len(prompts) == 1:
+                    typer.echo(piece.text, nl=False)
+                else:
+                    typer.echo(json.dumps({"prompt": prompts[piece.row], "text": piece.text, "tokens": piece.tokens,
+                                           "model_version": piece.version}))
+        except Exception as e:
+            _fail(e)
+        if len(prompts) == 1:
+            typer.echo("")
+        return
     try:
-        out = _client(url, None, None).generate(model, prompts, max_tokens, temperature)
+        out = client.generate(model, prompts, max_tokens, temperature)
     except Exception as e:
         _fail(e)
     for p, text, n, v in zip(prompts, out.texts, out.tokens, out.versions):

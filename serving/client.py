@@ -7,8 +7,10 @@ Model-control calls carry the admin header the server was started with (serving/
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -33,10 +35,19 @@ class ServedGenerations:
     versions: list[str]  # MODEL_VERSION per prompt
 
 
+@dataclass
+class StreamedText:
+    row: int  # which prompt of the call
+    text: str  # text added since this prompt's previous piece
+    tokens: int  # new tokens so far for this prompt
+    version: str  # MODEL_VERSION that generated it
+
+
 class ServingClient:
     def __init__(self, url: str, admin_key: str = "", timeout_s: float = 60.0, grpc_url: str = ""):
         self.url, self.admin_key, self.timeout_s, self.grpc_url = url, admin_key, timeout_s, grpc_url
         self._local = threading.local()
+        self._streaming: set[str] = set()  # models found to be decoupled (they answer streams only)
 
     @classmethod
     def for_server(cls, server, **kw) -> "ServingClient":
@@ -97,19 +108,81 @@ class ServingClient:
                     if "MODEL_VERSION" in names else [""] * len(labels))
         return ServedPredictions(scores.astype(np.float32), labels, versions)
 
-    def generate(self, model: str, prompts: list[str], max_tokens: int | None = None,
-                 temperature: float | None = None, version: str = "") -> ServedGenerations:
-        """Continuations from a generation model; ``None`` leaves an input out (the model's default)."""
+    def _generation_arrays(self, prompts: list[str], max_tokens: int | None, temperature: float | None):
         n = len(prompts)
         arrays = [("PROMPT", "BYTES", self._strings(prompts))]
         if max_tokens is not None:
             arrays.append(("MAX_TOKENS", "INT32", np.full((n, 1), max_tokens, np.int32)))
         if temperature is not None:
             arrays.append(("TEMPERATURE", "FP32", np.full((n, 1), temperature, np.float32)))
-        res = self.infer_arrays(model, arrays, version)
-        return ServedGenerations([x.decode("utf-8") for x in res.as_numpy("COMPLETION").reshape(-1)],
-                                 [int(x) for x in res.as_numpy("TOKENS").reshape(-1)],
-                                 [x.decode() for x in res.as_numpy("MODEL_VERSION").reshape(-1)])
+        return arrays
+
+    def generate(self, model: str, prompts: list[str], max_tokens: int | None = None,
+                 temperature: float | None = None, version: str = "") -> ServedGenerations:
+        """Continuations from a generation model; ``None`` leaves an input out (the model's default).
+        A streaming (decoupled) model is read through ``generate_stream`` and its pieces joined."""
+        if model not in self._streaming:
+            try:
+                res = self.infer_arrays(model, self._generation_arrays(prompts, max_tokens, temperature), version)
+                return ServedGenerations([x.decode("utf-8") for x in res.as_numpy("COMPLETION").reshape(-1)],
+                                         [int(x) for x in res.as_numpy("TOKENS").reshape(-1)],
+                                         [x.decode() for x in res.as_numpy("MODEL_VERSION").reshape(-1)])
+            except ServingError as e:
+                if "decoupled" not in str(e):
+                    raise
+                self._streaming.add(model)  # Triton's HTTP endpoint refuses decoupled models: stream instead
+        texts, tokens, versions = [""] * len(prompts), [0] * len(prompts), [""] * len(prompts)
+        for piece in self.generate_stream(model, prompts, max_tokens, temperature, version):
+            texts[piece.row] += piece.text
+            tokens[piece.row], versions[piece.row] = piece.tokens, piece.version
+        return ServedGenerations(texts, tokens, versions)
+
+    def generate_stream(self, model: str, prompts: list[str], max_tokens: int | None = None,
+                        temperature: float | None = None, version: str = "") -> Iterator[StreamedText]:
+        """Text as a streaming generation model (ExportConfig.streaming) produces it, over a gRPC stream: one
+        ``StreamedText`` per prompt whose text grew, in order; returns after the model's final response.
+        Needs the server's gRPC URL (``grpc_url``); errors raise ServingError."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        if not self.grpc_url:
+            raise ServingError(f"{model}: streaming needs the server's gRPC URL (ServingClient(grpc_url=...)).")
+        answers: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.grpc_url)  # one stream per client object: a private one
+        try:
+            client.start_stream(callback=lambda result, error: answers.put((result, error)))
+            inputs = []
+            for name, dtype, arr in self._generation_arrays(prompts, max_tokens, temperature):
+                inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+                inp.set_data_from_numpy(arr)
+                inputs.append(inp)
+            client.async_stream_infer(model, inputs, model_version=version, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = answers.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise ServingError(f"{model}: no streamed response within {self.timeout_s} s") from None
+                if error is not None:
+                    msg = error.message() if isinstance(error, InferenceServerException) else str(error)
+                    raise ServingError(f"{model}: {msg}")
+                response = result.get_response()
+                if response.outputs:
+                    texts = result.as_numpy("COMPLETION").reshape(-1)
+                    counts = result.as_numpy("TOKENS").reshape(-1)
+                    labels = result.as_numpy("MODEL_VERSION").reshape(-1)
+                    for row, text in enumerate(texts):
+                        if text:
+                            yield StreamedText(row, text.decode("utf-8"), int(counts[row]), labels[row].decode())
+                        elif not any(texts):  # a final response with no new text still reports the counts
+                            yield StreamedText(row, "", int(counts[row]), labels[row].decode())
+                final = response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            try:
+                client.stop_stream(cancel_requests=True)
+            finally:
+                client.close()
 
     def predict(self, model: str, texts: list[str]) -> ServedPredictions:
         return self.infer(model, texts)

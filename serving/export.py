@@ -46,6 +46,7 @@ class ExportConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "Generation models: the most new tokens a request may ask for."})
     default_max_tokens: int = field(default=32, metadata={"help": "Generation models: new tokens when a request sends no MAX_TOKENS."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Generation models: longer prompts keep their last tokens."})
+    streaming: bool = field(default=False, metadata={"help": "Generation models: a decoupled model that streams text as it is generated (clients: gRPC streams, ServingClient.generate_stream, or HTTP generate_stream); ServingClient.generate reads either kind."})
 
     def __post_init__(self) -> None:
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
@@ -103,7 +104,10 @@ LM_IO = ModelIO(
 )
 
 
-def model_config(name: str, cfg: ExportConfig, io: ModelIO, params: dict[str, str]) -> str:
+DECOUPLED = "model_transaction_policy { decoupled: true }"
+
+
+def model_config(name: str, cfg: ExportConfig, io: ModelIO, params: dict[str, str], decoupled: bool = False) -> str:
     """The full config.pbtxt text of a Python-backend model."""
     gpus = f" gpus: [ {', '.join(map(str, cfg.gpus))} ]" if cfg.gpus and cfg.instance_kind == "KIND_GPU" else ""
     batching = ""
@@ -121,7 +125,7 @@ def model_config(name: str, cfg: ExportConfig, io: ModelIO, params: dict[str, st
     return "\n".join(x for x in [
         f'name: "{name}"', 'backend: "python"', f"max_batch_size: {cfg.max_batch_size}", io.pbtxt(),
         f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind}{gpus} }} ]",
-        batching, warmup, _params(params),
+        DECOUPLED if decoupled else "", batching, warmup, _params(params),
     ] if x) + "\n"
 
 
@@ -248,7 +252,7 @@ def _lm_student_config(src: Path, name: str, version: int, cfg: ExportConfig, ve
               "kdops_max_prompt_tokens": cfg.max_prompt_tokens}
     if cfg.prediction_log_dir:
         params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
-    return model_config(name, cfg, LM_IO, params)
+    return model_config(name, cfg, LM_IO, params, decoupled=cfg.streaming)
 
 
 def export_lm_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: int = 1,
@@ -332,7 +336,7 @@ def stage_reload(artifact_dir: str | Path, repo: str | Path, name: str, version:
     return f"{version}/artifact"
 
 
-def ensemble_config(name: str, target: str, io: ModelIO, max_batch_size: int) -> str:
+def ensemble_config(name: str, target: str, io: ModelIO, max_batch_size: int, decoupled: bool = False) -> str:
     """A one-step ensemble: the stable name clients call, forwarding to the active slot model.
 
     Re-pointing it is a reload of a backend-less model (no stub process, milliseconds), which is what
@@ -340,14 +344,16 @@ def ensemble_config(name: str, target: str, io: ModelIO, max_batch_size: int) ->
     """
     maps = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in io.inputs)
     maps += "".join(f' output_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in io.outputs)
-    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n{io.pbtxt()}\n'
+    policy = f"{DECOUPLED}\n" if decoupled else ""
+    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n{io.pbtxt()}\n{policy}'
             f'ensemble_scheduling {{ step [ {{ model_name: "{target}" model_version: -1{maps} }} ] }}\n')
 
 
-def write_ensemble(repo: str | Path, name: str, target: str, io: ModelIO, max_batch_size: int) -> Path:
+def write_ensemble(repo: str | Path, name: str, target: str, io: ModelIO, max_batch_size: int,
+                   decoupled: bool = False) -> Path:
     model_dir = Path(repo) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble still needs a version folder
     tmp = model_dir / "config.pbtxt.tmp"
-    tmp.write_text(ensemble_config(name, target, io, max_batch_size))
+    tmp.write_text(ensemble_config(name, target, io, max_batch_size, decoupled))
     tmp.replace(model_dir / "config.pbtxt")
     return model_dir

@@ -308,7 +308,8 @@ def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | N
         previous_ens = ens_cfg.read_text() if ens_cfg.exists() else None
         ts = time.perf_counter()
         try:
-            write_ensemble(repo, model, slot, io, cfg.export.max_batch_size)
+            write_ensemble(repo, model, slot, io, cfg.export.max_batch_size,
+                           decoupled=kind == "causal-lm" and cfg.export.streaming)
             client.load(model)
             _smoke(client, model, kind, texts[:1], label, None, cfg)
         except Exception as e:

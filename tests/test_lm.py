@@ -318,3 +318,26 @@ def test_fitted_tail_learns_which_dropped_ids_occur():
     assert torch.allclose(uniform_tail(V, keep).exp()[60:], torch.full((40,), 1 / 40))
     with pytest.raises(ValueError, match="trimmed"):
         prune_layers(tiny_llama(2), [0]).set_tail(fit.logprob)
+
+
+def test_streamed_generation_concatenates_to_the_batch_result(tiny_lm_dir):
+    from kdops.lm.predict import LMGenerator
+
+    gen = LMGenerator.from_dir(tiny_lm_dir)
+    prompts, budgets, temps = ["this movie was good", "the plot", "what city is this ?", "ok"], [6, 3, 0, 5], [0.0] * 4
+    chunks = []
+    streamed = gen.stream_checked(prompts, budgets, temps, chunks.append)
+    assert streamed == gen.generate_checked(prompts, budgets, temps)  # same tokens, same text
+    for i, g in enumerate(streamed):
+        mine = [c for c in chunks if c.row == i]
+        assert "".join(c.text for c in mine) == g.text
+        assert [c.final for c in mine] == [False] * (len(mine) - 1) + [True]  # exactly one final, last
+        assert mine[-1].tokens == g.tokens <= budgets[i]
+        assert [c.tokens for c in mine] == sorted(c.tokens for c in mine)
+    assert len([c for c in chunks if c.row == 0]) > 1  # text arrives as it is generated, not at the end
+    assert [c for c in chunks if c.row == 2] == [type(chunks[0])(2, "", 0, True)]  # a zero budget: one empty final
+    # sampling and mixed temperatures: every prompt still ends with one final chunk
+    chunks.clear()
+    out = gen.stream_checked(prompts[:2], [4, 4], [0.0, 1.3], chunks.append)
+    assert sorted(c.row for c in chunks if c.final) == [0, 1]
+    assert ["".join(c.text for c in chunks if c.row == i) for i in (0, 1)] == [g.text for g in out]

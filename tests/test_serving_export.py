@@ -42,6 +42,10 @@ def test_config_validation_and_ensemble():
     assert 'name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true' in lm
     assert 'key: "MAX_TOKENS" value { data_type: TYPE_INT32' in lm  # warm-up sends a token budget
     assert 'input_map { key: "TEMPERATURE" value: "TEMPERATURE" }' in ensemble_config("g", "g__s0", LM_IO, 8)
+    assert "decoupled" not in lm + ensemble_config("g", "g__s0", LM_IO, 8)  # streaming is opt-in
+    streaming = model_config("g", ExportConfig(streaming=True), LM_IO, {}, decoupled=True)
+    assert "model_transaction_policy { decoupled: true }" in streaming
+    assert "model_transaction_policy { decoupled: true }" in ensemble_config("g", "g__s0", LM_IO, 8, decoupled=True)
 
 
 def test_cli_every_option_has_help():

@@ -199,3 +199,52 @@ def test_cli_generate_prints_served_completions(lm_served, tiny_lm_dir):
     assert [r["completion"] for r in rows] == [g.text for g in local] and all(r["tokens"] <= 3 for r in rows)
     bad = CliRunner().invoke(app, ["generate", "  ", "--model", "gen", "--url", server.url])
     assert bad.exit_code == 1 and "empty" in bad.output
+
+
+def test_streaming_model_sends_text_as_it_is_generated_and_hot_swaps(lm_served, tiny_lm_dir, second_lm):
+    import json
+
+    import requests
+    from typer.testing import CliRunner
+
+    from kdops.lm.predict import LMGenerator
+    from serving.cli import app
+    from serving.client import ServingError
+    from serving.export import ExportConfig
+    from serving.swap import SwapConfig, deploy, hot_swap
+
+    server = lm_served[0]
+    cfg = SwapConfig(export=ExportConfig(streaming=True, max_new_tokens=16, default_max_tokens=4))
+    first = deploy(server, "genst", tiny_lm_dir, cfg=cfg)
+    assert "decoupled: true" in (server.repository / "genst" / "config.pbtxt").read_text()  # the stable name streams too
+    client = _client(server)
+    prompts = ["this movie was good", "the plot was awful and boring"]
+    local = [g.text for g in LMGenerator.from_dir(tiny_lm_dir).generate(prompts, 6, 0.0)]
+
+    pieces = list(client.generate_stream("genst", prompts, max_tokens=6, temperature=0.0))
+    for row, text in enumerate(local):
+        mine = [p for p in pieces if p.row == row]
+        assert len(mine) > 1 and "".join(p.text for p in mine) == text  # several responses, one completion
+        assert [p.tokens for p in mine] == sorted(p.tokens for p in mine) and mine[-1].tokens <= 6
+        assert {p.version for p in mine} == {first.label}
+    # the plain call reads a streaming model too (Triton's HTTP infer refuses decoupled models)
+    assert client.generate("genst", prompts, max_tokens=6, temperature=0.0).texts == local
+    # HTTP server-sent events, for clients without gRPC (curl -N .../generate_stream)
+    sse = requests.post(f"http://{server.url}/v2/models/genst/generate_stream",
+                        json={"PROMPT": prompts[0], "MAX_TOKENS": 6}, timeout=30)
+    events = [json.loads(line[5:]) for line in sse.text.splitlines() if line.startswith("data:")]
+    assert sse.status_code == 200 and len(events) > 1 and "".join(e["COMPLETION"] for e in events) == local[0]
+    with pytest.raises(ServingError, match="empty"):
+        list(client.generate_stream("genst", ["   "], max_tokens=3))
+    out = CliRunner().invoke(app, ["generate", prompts[0], "--model", "genst", "--url", server.url,
+                                   "--grpc-url", server.grpc_url, "--max-tokens", "6", "--stream"])
+    assert out.exit_code == 0 and out.output == local[0] + "\n", out.output
+
+    # hot swap while clients stream: nobody fails, the new version answers, the way back is an in-place reload
+    with traffic(lambda: client.generate("genst", prompts[:1], max_tokens=4), threads=3) as (errors, latencies):
+        second = hot_swap(server, "genst", second_lm, cfg=cfg)
+        back = hot_swap(server, "genst", tiny_lm_dir, cfg=cfg)
+    assert errors == [] and len(latencies) > 10
+    assert back.method == "reload" and second.version < back.version
+    assert client.generate("genst", prompts, max_tokens=6).texts == local
+    assert {p.version for p in client.generate_stream("genst", prompts[:1], max_tokens=2)} == {back.label}

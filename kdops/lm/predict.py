@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -24,6 +24,14 @@ from kdops.predict import InputError, check_texts
 class Generation:
     text: str  # the decoded continuation (special tokens dropped)
     tokens: int  # new tokens generated, EOS included
+
+
+@dataclass
+class StreamChunk:
+    row: int  # which prompt of the call
+    text: str  # text added since this prompt's previous chunk
+    tokens: int  # new tokens generated so far for this prompt
+    final: bool  # the prompt is done (EOS or its token budget)
 
 
 def _per_row(value, n: int, name: str) -> list:
@@ -87,3 +95,47 @@ class LMGenerator:
                 new = new[: budgets[i]]
                 out[i] = Generation(self.tokenizer.decode(new, skip_special_tokens=True), len(new))
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def stream_checked(self, prompts: list[str], budgets: list[int], temps: list[float],
+                       emit: Callable[[StreamChunk], None]) -> list[Generation]:
+        """``generate_checked``, calling ``emit`` as text becomes final: one chunk per prompt whenever its decoded
+        text grows (a token that ends inside a UTF-8 character waits for the next), and a ``final`` chunk when
+        the prompt is done. The chunks of a prompt concatenate to its ``Generation.text``; the returned list
+        equals what ``generate_checked`` returns for the same arguments (greedy)."""
+        ids = self.encode(prompts)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        sent = [""] * len(prompts)
+        done = [b == 0 for b in budgets]
+        for i in (i for i, d in enumerate(done) if d):
+            emit(StreamChunk(i, "", 0, True))
+
+        def flush(i: int, final: bool) -> None:
+            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+            if not final and text.endswith("\ufffd"):
+                return  # a multi-byte character split across tokens: wait for the rest
+            delta = text[len(sent[i]):]
+            if delta or final:
+                sent[i] = text
+                emit(StreamChunk(i, delta, len(tokens[i]), final))
+
+        for t in sorted(set(temps)):
+            rows = [i for i in range(len(prompts)) if temps[i] == t and not done[i]]
+            if not rows:
+                continue
+
+            def on_step(_first: int, step: list[int], rows=rows) -> None:
+                for i, tok in zip(rows, step):
+                    if done[i]:
+                        continue
+                    tokens[i].append(tok)
+                    done[i] = tok == self.eos_id or len(tokens[i]) >= budgets[i]
+                    flush(i, done[i])
+
+            self.student.generate([ids[i] for i in rows], max(budgets[i] for i in rows), self.pad_id, self.eos_id,
+                                  batch_size=len(rows), temperature=t, on_step=on_step)
+            for i in rows:
+                if not done[i]:  # generation stopped early for every row: close what is still open
+                    done[i] = True
+                    flush(i, True)
+        return [Generation(self.tokenizer.decode(tk, skip_special_tokens=True), len(tk)) for tk in tokens]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -155,9 +155,12 @@ class LMStudent(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_id: int | None,
-                 batch_size: int = 16, temperature: float = 0.0) -> list[list[int]]:
+                 batch_size: int = 16, temperature: float = 0.0,
+                 on_step: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
         """Continuations in full-vocabulary ids (new tokens only, cut after the first EOS): greedy at
-        ``temperature`` 0, else plain sampling from the softmax at that temperature (no top-k / top-p)."""
+        ``temperature`` 0, else plain sampling from the softmax at that temperature (no top-k / top-p).
+        ``on_step(first_row, ids)``, if given, is called after every decoding step with that step's token of each
+        row of the current chunk (full-vocabulary ids; rows already past EOS get padding): token streaming."""
         from kdops.lm.teacher import pad_batch
 
         device = next(self.model.parameters()).device
@@ -174,8 +177,9 @@ class LMStudent(nn.Module):
         for s in range(0, len(prompts), batch_size):
             ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
             ids = self.map_ids(ids.to(device))
+            streamer = _StepStreamer(self, s, on_step) if on_step is not None else None
             gen = self.model.generate(input_ids=ids, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                      pad_token_id=s_pad, eos_token_id=s_eos, **extra)
+                                      pad_token_id=s_pad, eos_token_id=s_eos, streamer=streamer, **extra)
             new = gen[:, ids.shape[1]:]
             new = self.keep_ids[new] if self.trimmed else new
             for row in new.tolist():
@@ -183,6 +187,25 @@ class LMStudent(nn.Module):
                     row = row[: row.index(eos_id) + 1]
                 out.append(row)
         return out
+
+
+class _StepStreamer:
+    """A transformers streamer (put/end) that hands each decoding step's tokens, as full-vocabulary ids, to a
+    callback. generate() first puts the prompt ids (2-D), then one (batch,) tensor per step."""
+
+    def __init__(self, student: "LMStudent", first_row: int, on_step: Callable[[int, list[int]], None]):
+        self.student, self.first_row, self.on_step, self.prompt_seen = student, first_row, on_step, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        ids = value.reshape(-1).to(self.student.keep_ids.device if self.student.trimmed else value.device)
+        self.on_step(self.first_row, (self.student.keep_ids[ids.clamp(max=self.student.other_id - 1)]
+                                      if self.student.trimmed else ids).tolist())
+
+    def end(self) -> None:
+        pass
 
 
 def corpus_vocabulary(sequences: Sequence[Sequence[int]], always: Sequence[int] = (), first_n: int = 0) -> list[int]:

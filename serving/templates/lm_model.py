@@ -5,6 +5,11 @@ Inputs ``PROMPT`` (string), optional ``MAX_TOKENS`` (int32, default from config)
 Generation is kdops.lm.predict.LMGenerator; the requests of one dynamic batch are generated together, one
 ``generate`` per distinct temperature. A bad request gets its own error response and never takes the model
 down. It imports triton_python_backend_utils, so it only runs inside the server.
+
+Streaming (config ``model_transaction_policy { decoupled: true }``, ExportConfig.streaming): each request
+gets a response whenever one of its prompts' text grows (``COMPLETION`` holds the new text of each row, ""
+for rows that did not grow; ``TOKENS`` the tokens so far) and its last response carries the final flag. The
+responses of a row concatenate to what the non-streaming model returns.
 """
 
 import json
@@ -39,6 +44,7 @@ class TritonPythonModel:
 
         cfg = json.loads(args["model_config"])
         self.model_name = args["model_name"]
+        self.decoupled = bool(cfg.get("model_transaction_policy", {}).get("decoupled", False))
         self.version = _param(cfg, "kdops_version", args["model_version"])
         self.default_tokens = int(_param(cfg, "kdops_default_max_tokens", "32"))
         threads = int(_param(cfg, "kdops_torch_threads", "0"))
@@ -92,6 +98,9 @@ class TritonPythonModel:
             prompts.extend(p)
             budgets.extend(m)
             temps.extend(t)
+        if self.decoupled:
+            self._stream(requests, generator, prompts, budgets, temps, spans, errors)
+            return None
         responses = [None] * len(requests)
         for i, msg in errors.items():
             responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg))
@@ -110,12 +119,52 @@ class TritonPythonModel:
                     pb_utils.Tensor("TOKENS", np.array([[g.tokens] for g in part], np.int32)),
                     pb_utils.Tensor("MODEL_VERSION", np.array([[generator.version.encode()]] * (b - a), object))]
             responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
+        self._log(prompts, gens, generator)
+        return responses
+
+    def _log(self, prompts, gens, generator):
         if self.log is not None:
             try:  # prompts are what drift monitoring reads; the completion goes in the label column
                 self.log.write_batch(prompts, [[] for _ in prompts], [g.text for g in gens], self.model_name, generator.version)
             except OSError as e:
                 pb_utils.Logger.log_warn(f"prediction log write failed: {e}")
-        return responses
+
+    def _stream(self, requests, generator, prompts, budgets, temps, spans, errors):
+        """Decoupled mode: responses go out through each request's sender as text is generated."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        senders = [r.get_response_sender() for r in requests]
+        for i, msg in errors.items():
+            senders[i].send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg)), flags=final)
+        if not prompts:
+            return
+        owner = {}  # row of the batch -> (request, row within it, rows in it)
+        for i, a, b in spans:
+            for r in range(a, b):
+                owner[r] = (i, r - a, b - a)
+        tokens, open_rows = [0] * len(prompts), {i: b - a for i, a, b in spans}
+        version = generator.version.encode()
+
+        def emit(chunk):
+            i, r, n = owner[chunk.row]
+            tokens[chunk.row] = chunk.tokens
+            texts = [b""] * n
+            texts[r] = chunk.text.encode("utf-8")
+            a = chunk.row - r
+            outs = [pb_utils.Tensor("COMPLETION", np.array([[t] for t in texts], object)),
+                    pb_utils.Tensor("TOKENS", np.array([[tokens[a + k]] for k in range(n)], np.int32)),
+                    pb_utils.Tensor("MODEL_VERSION", np.array([[version]] * n, object))]
+            open_rows[i] -= int(chunk.final)
+            senders[i].send(pb_utils.InferenceResponse(output_tensors=outs), flags=final if open_rows[i] == 0 else 0)
+
+        try:
+            gens = generator.stream_checked(prompts, budgets, temps, emit)
+        except Exception as e:
+            for i, left in open_rows.items():
+                if left > 0:
+                    senders[i].send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                        f"{self.model_name}: generation failed: {e}")), flags=final)
+            return
+        self._log(prompts, gens, generator)
 
     def finalize(self):
         if self.watcher is not None:
