@@ -77,7 +77,8 @@ def lm_evaluate(ctx: LoopContext, artifact: str, eval_id: str, max_length: int, 
 
     rows = _snapshot(ctx, eval_id).rows
     by_domain = {str(d or "all"): g["text"].tolist() for d, g in rows.groupby(rows["domain"].fillna("all"))}
-    return evaluate_lm(artifact, _teacher(ctx), by_domain, max_length, speed=speed, device=ctx.device).to_dict()
+    return evaluate_lm(artifact, _teacher(ctx), by_domain, max_length, speed=speed, device=ctx.device,
+                       cache=_cache(ctx)).to_dict()  # the teacher scores each held-out sequence once, across rounds
 
 
 @task(name="lm-gate", cache_policy=None)

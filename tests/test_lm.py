@@ -341,3 +341,40 @@ def test_streamed_generation_concatenates_to_the_batch_result(tiny_lm_dir):
     out = gen.stream_checked(prompts[:2], [4, 4], [0.0, 1.3], chunks.append)
     assert sorted(c.row for c in chunks if c.final) == [0, 1]
     assert ["".join(c.text for c in chunks if c.row == i) for i in (0, 1)] == [g.text for g in out]
+
+
+def test_teacher_scores_are_cached_across_evaluations(tmp_path, tiny_lm_tokenizer, tiny_lm_dir):
+    from kdops.lm.rounds import evaluate_lm
+    from tests.conftest import make_tiny_lm
+
+    tdir = tmp_path / "teacher"
+    make_tiny_lm(len(tiny_lm_tokenizer), layers=3, seed=5).save_pretrained(str(tdir))
+    tiny_lm_tokenizer.save_pretrained(str(tdir))
+    teacher = HFCausalLMTeacher(tdir)
+    texts = {"a": ["the movie was good", "a great film and a fun story"], "b": ["where is the city ?"]}
+    plain = evaluate_lm(tiny_lm_dir, teacher, texts, 16)
+    cache = LMSoftLabelCache(tmp_path / "c.sqlite")
+    first = evaluate_lm(tiny_lm_dir, teacher, texts, 16, cache=cache)
+    assert cache.score_stats.misses == 3 and cache.score_stats.hits == 0
+    class NoForward(torch.nn.Module):  # a second round must not need the teacher's forward at all
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a, **k):
+            raise AssertionError("the teacher ran on cached text")
+
+    model = teacher.model
+    teacher.model = NoForward(model)
+    try:
+        again = evaluate_lm(tiny_lm_dir, teacher, texts, 16, cache=LMSoftLabelCache(tmp_path / "c.sqlite"))
+    finally:
+        teacher.model = model
+    for report in (first, again):
+        assert report.teacher["ppl"] == pytest.approx(plain.teacher["ppl"], rel=1e-6)
+        assert report.agreement_top1 == pytest.approx(plain.agreement_top1)
+        for dom, ppl in plain.ppl_by_domain.items():
+            assert report.ppl_by_domain[dom] == pytest.approx(ppl, rel=1e-6)
+    # and the cached scores are the teacher's own perplexity, computed the long way
+    seqs = teacher.encode(texts["a"], 16)
+    assert first.ppl_by_domain["a"]["teacher"] == pytest.approx(perplexity(model, seqs, teacher.pad_id)["ppl"], rel=1e-5)

@@ -7,6 +7,9 @@ One SQLite file, two tables keyed by (teacher id, sha256 of the token-id sequenc
   practice of sparse teacher targets).
 - ``generations``: the teacher's greedy continuation of a prompt for a given ``max_new_tokens``, the targets of
   sequence-level KD (Kim & Rush 2016).
+- ``scores``: what evaluation needs of the teacher on a held-out sequence: the summed negative log-likelihood
+  of its tokens, their count, and the teacher's top-1 id at every position (perplexity and agreement), so
+  each round's evaluation runs only the student on text the teacher has already scored.
 
 The key is the token ids, not the text: the same text under another tokenizer or start token is another
 sequence. A changed teacher has a new id and never mixes with the old one's rows.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +45,7 @@ class LMSoftLabelCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stats = LMCacheStats()  # top-k lookups
         self.gen_stats = LMCacheStats()  # generation lookups
+        self.score_stats = LMCacheStats()  # evaluation-score lookups
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # concurrent readers while one writer appends
             db.execute("CREATE TABLE IF NOT EXISTS topk (teacher_id TEXT NOT NULL, key TEXT NOT NULL, k INTEGER NOT NULL, "
@@ -49,6 +53,8 @@ class LMSoftLabelCache:
             db.execute("CREATE TABLE IF NOT EXISTS generations (teacher_id TEXT NOT NULL, key TEXT NOT NULL, "
                        "max_new_tokens INTEGER NOT NULL, ids BLOB NOT NULL, "
                        "PRIMARY KEY (teacher_id, key, max_new_tokens))")
+            db.execute("CREATE TABLE IF NOT EXISTS scores (teacher_id TEXT NOT NULL, key TEXT NOT NULL, nll REAL NOT NULL, "
+                       "tokens INTEGER NOT NULL, top1 BLOB NOT NULL, PRIMARY KEY (teacher_id, key))")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
@@ -82,6 +88,35 @@ class LMSoftLabelCache:
 
         found = fill_missing(keys, sequences, self._lookup_topk(teacher.id, list(dict.fromkeys(keys)), k), self.stats,
                              compute, chunk, "teacher top-k", "seq", progress)
+        return [found[key] for key in keys]
+
+    # -- evaluation scores ---------------------------------------------------------------------
+
+    def get_or_compute_scores(self, teacher_id: str, sequences: Sequence[Sequence[int]],
+                              compute: Callable[[list[list[int]]], list[tuple[float, int, np.ndarray]]],
+                              chunk: int = 64) -> list[tuple[float, int, np.ndarray]]:
+        """Per sequence ``(nll summed over its predicted tokens, their count, top-1 ids (L,) int32)``; ``compute``
+        scores a list of sequences with the teacher (kdops.lm.evaluate.teacher_scores)."""
+        keys = [sequence_key(s) for s in sequences]
+        found: dict[str, tuple[float, int, np.ndarray]] = {}
+        uniq = list(dict.fromkeys(keys))
+        with self._connect() as db:
+            for s in range(0, len(uniq), 900):
+                part = uniq[s:s + 900]
+                q = (f"SELECT key, nll, tokens, top1 FROM scores WHERE teacher_id=? "
+                     f"AND key IN ({','.join('?' * len(part))})")
+                for key, nll, n, top1 in db.execute(q, [teacher_id, *part]):
+                    found[key] = (float(nll), int(n), np.frombuffer(top1, np.int32))
+
+        def run(part: list[tuple[str, Sequence[int]]]) -> list[tuple[float, int, np.ndarray]]:
+            out = [(float(nll), int(n), np.asarray(top1, np.int32)) for nll, n, top1 in compute([list(q) for _, q in part])]
+            with self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
+                               [(teacher_id, key, nll, n, np.ascontiguousarray(top1).tobytes())
+                                for (key, _), (nll, n, top1) in zip(part, out)])
+            return out
+
+        found = fill_missing(keys, sequences, found, self.score_stats, run, chunk, "teacher scores", "seq")
         return [found[key] for key in keys]
 
     # -- generations ---------------------------------------------------------------------------

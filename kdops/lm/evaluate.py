@@ -68,19 +68,52 @@ def perplexity(model, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch
 
 
 @torch.inference_mode()
-def top1_agreement(teacher, student, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16) -> float:
-    """Share of positions where teacher and student rank the same next token first."""
+def teacher_scores(model, sequences: Sequence[Sequence[int]], pad_id: int = 0,
+                   batch_size: int = 16) -> list[tuple[float, int, np.ndarray]]:
+    """Per sequence, from one forward pass of a plain HF causal LM: ``(nll summed over its predicted tokens,
+    their count, the top-1 id at each of its positions)``: what perplexity and agreement need of a teacher,
+    and what kdops.lm.cache keeps so a later round does not run the teacher on the same text again."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(sequences), batch_size):
+        part = sequences[s:s + batch_size]
+        ids, mask = pad_batch(part, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        lp = (lp * mask[:, 1:]).double()
+        top1 = logits.argmax(-1).cpu().numpy().astype(np.int32)
+        for r, seq in enumerate(part):
+            n = len(seq)
+            out.append((-float(lp[r, : n - 1].sum()), max(0, n - 1), top1[r, :n].copy()))
+    return out
+
+
+def scores_perplexity(scores: Sequence[tuple[float, int, np.ndarray]]) -> dict:
+    """``perplexity``'s dict from per-sequence teacher scores."""
+    total, count = sum(x[0] for x in scores), sum(x[1] for x in scores)
+    nll = total / max(count, 1)
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count}
+
+
+@torch.inference_mode()
+def top1_agreement(teacher, student, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16,
+                   teacher_top1: Sequence[np.ndarray] | None = None) -> float:
+    """Share of positions where teacher and student rank the same next token first (``teacher_top1``: the
+    teacher's top-1 ids per sequence, e.g. cached; then ``teacher`` is not run)."""
+    if teacher_top1 is None:
+        teacher_top1 = [x[2] for x in teacher_scores(teacher, sequences, pad_id, batch_size)]
     device = next(student.parameters()).device
     same, count = 0, 0
     for s in range(0, len(sequences), batch_size):
         ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        t_top = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)
         s_logits = student(ids, mask)
-        s_top = student.top1_full(s_logits) if hasattr(student, "top1_full") else s_logits.argmax(-1)
-        valid = mask.bool()
-        same += int((t_top == s_top)[valid].sum())
-        count += int(valid.sum())
+        s_top = (student.top1_full(s_logits) if hasattr(student, "top1_full") else s_logits.argmax(-1)).cpu()
+        for r, t_top in enumerate(teacher_top1[s:s + batch_size]):
+            n = len(t_top)
+            same += int((torch.from_numpy(np.asarray(t_top, np.int64)) == s_top[r, :n]).sum())
+            count += n
     return same / max(count, 1)
 
 

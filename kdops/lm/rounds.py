@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
-from kdops.lm.evaluate import LMEvalConfig, LMReport, measure_generation, perplexity, top1_agreement
+from kdops.lm.evaluate import (LMEvalConfig, LMReport, measure_generation, perplexity, scores_perplexity, teacher_scores,
+                               top1_agreement)
 from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, save_lm_student,
                                select_by_influence, select_layers)
 from kdops.lm.tail import fit_tail
@@ -94,16 +95,26 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
 
 def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_domain: Mapping[str, Sequence[str]],
                 max_length: int = 48, speed: bool = False, eval_cfg: LMEvalConfig = LMEvalConfig(),
-                device: str = "cpu") -> LMReport:
-    """Perplexity per domain (teacher and student on the same tokens), agreement, and optionally speed."""
+                device: str = "cpu", cache: LMSoftLabelCache | None = None) -> LMReport:
+    """Perplexity per domain (teacher and student on the same tokens), agreement, and optionally speed.
+    With ``cache``, the teacher's scores of each sequence come from (and go to) it: a later round evaluating on
+    the same held-out text runs only the student."""
     student, _, _ = load_lm_student(student_dir, device=device)
-    by_domain, all_seqs = {}, []
+
+    def score(seqs):
+        if cache is None:
+            return teacher_scores(teacher.model, seqs, teacher.pad_id)
+        return cache.get_or_compute_scores(teacher.id, seqs, lambda part: teacher_scores(teacher.model, part, teacher.pad_id))
+
+    by_domain, all_seqs, all_scores = {}, [], []
     t_tot, s_tot = {"nll": 0.0, "tokens": 0}, {"nll": 0.0, "tokens": 0}
     for dom, texts in texts_by_domain.items():
         seqs = teacher.encode(list(texts), max_length)
         if not seqs:
             continue
-        t, s = perplexity(teacher.model, seqs, teacher.pad_id), perplexity(student, seqs, teacher.pad_id)
+        scores = score(seqs)
+        t, s = scores_perplexity(scores), perplexity(student, seqs, teacher.pad_id)
+        all_scores += scores
         by_domain[dom] = {"teacher": t["ppl"], "student": s["ppl"], "tokens": t["tokens"]}
         for tot, r in ((t_tot, t), (s_tot, s)):
             tot["nll"] += r["nll"] * r["tokens"]
@@ -119,6 +130,7 @@ def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_do
         prompts = [s[: eval_cfg.gen_prompt_tokens] for s in all_seqs[: eval_cfg.gen_prompts]]
         t_all.update(measure_generation("teacher", teacher.directory, prompts, eval_cfg.max_new_tokens, device, eval_cfg.threads))
         s_all.update(measure_generation("student", student_dir, prompts, eval_cfg.max_new_tokens, device, eval_cfg.threads))
-    agree = top1_agreement(teacher.model, student, all_seqs[:200], teacher.pad_id)
+    agree = top1_agreement(teacher.model, student, all_seqs[:200], teacher.pad_id,
+                           teacher_top1=[x[2] for x in all_scores[:200]])
     return LMReport(teacher=t_all, student=s_all, agreement_top1=agree,
                     ppl_by_domain={d: {"teacher": v["teacher"], "student": v["student"]} for d, v in by_domain.items()})
