@@ -116,6 +116,13 @@ def lm_register(ctx: LoopContext, artifact: str, report: dict, info: dict, snaps
                             lineage={"snapshot_ids": snapshot_ids, "topk": cfg.topk})
 
 
+def short_lm_report(summary: dict) -> dict:
+    """What the ledger keeps of an LM report and a later gate reads back as the champion's: the headline
+    figures and the per-domain perplexities."""
+    return {k: v for k, v in summary.items()
+            if k in ("ppl_ratio", "student_ppl", "teacher_ppl", "param_ratio", "speedup") or k.startswith("student_ppl/")}
+
+
 @flow(name="distill_lm_flow")
 def distill_lm_flow(ctx: LoopContext, train_id: str, eval_id: str, cfg: LMDistillConfig = LMDistillConfig(),
                     shape: LMShape = LMShape(), thresholds: LMGateThresholds = LMGateThresholds(),
@@ -138,8 +145,7 @@ def distill_lm_flow(ctx: LoopContext, train_id: str, eval_id: str, cfg: LMDistil
            "decision": asdict(decision), "distill": {k: v for k, v in info.items() if k != "history"}}
     # What the ledger keeps, and the next round's gate reads back as the champion's report: the per-domain
     # perplexities included.
-    short = {k: v for k, v in summary.items()
-             if k in ("ppl_ratio", "student_ppl", "teacher_ppl", "param_ratio", "speedup") or k.startswith("student_ppl/")}
+    short = short_lm_report(summary)
     out.update(act_on_decision(ctx, decision, version, info["artifact"], short, champion, deploy))
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -2,14 +2,15 @@
 
 One process starts Prefect's API server (or uses ``$PREFECT_API_URL``), points at the MLflow store (the
 embedded SQLite file or ``$MLFLOW_TRACKING_URI``), starts tritonserver (or attaches to one), puts the
-registry's champion on it, and serves four deployments with ``prefect.serve``:
+registry's champion on it, and serves five deployments with ``prefect.serve``:
 
 - ``monitor_tick/kdops-monitor`` on an interval schedule: champion -> its reference profile (built once
   and cached on disk) -> the prediction log since the last check -> ``monitor_flow`` -> on ``retrain``,
   the served texts become a snapshot and ``distill_flow/kdops-distill`` is started (``review`` opens a
-  case inside ``monitor_flow``);
-- ``distill_flow/kdops-distill``, ``promote_flow/kdops-promote`` and ``review_flow/kdops-review``, run on
-  demand (from the UI, ``prefect deployment run``, or the monitor).
+  case inside ``monitor_flow``). A causal-LM champion is monitored on its prompts (text checks only) and
+  retrained by ``distill_lm_flow/kdops-distill-lm`` on the served prompts, replaying its own training text;
+- ``distill_flow/kdops-distill``, ``distill_lm_flow/kdops-distill-lm``, ``promote_flow/kdops-promote`` and
+  ``review_flow/kdops-review``, run on demand (from the UI, ``prefect deployment run``, or the monitor).
 
 Scale-out is the same flows from ``prefect.yaml`` on a process work pool (see the README).
 
@@ -37,6 +38,7 @@ from flows.tasks import MODEL, LoopContext, evaluate_student, save_snapshot
 
 log = logging.getLogger("kdops.up")
 DISTILL_DEPLOYMENT = "distill_flow/kdops-distill"
+DISTILL_LM_DEPLOYMENT = "distill_lm_flow/kdops-distill-lm"
 
 
 # -- state on disk ------------------------------------------------------------------------------------
@@ -114,11 +116,19 @@ def champion_reference(ctx: LoopContext, version: int, reference_rows: int) -> d
         return json.loads((d / "monitor.json").read_text())
     from kdops.predict import Predictor
     from monitoring import MonitorConfig, profile_reference
+    from serving.export import artifact_kind
 
     texts = _lineage_texts(ctx, version, reference_rows)
     if not texts:
         return None
     artifact = _champion_artifact(ctx, version)
+    if artifact_kind(artifact) == "causal-lm":
+        # A generation model: the prompts are what is monitored (text checks only; no class probabilities,
+        # embeddings or teacher labels to compare)
+        ref = profile_reference(texts, MonitorConfig(max_reference=max(40, reference_rows)))
+        meta = {"version": version, "artifact": str(artifact), "rows": len(ref.texts), "label_names": [],
+                "baseline_rate": None, "kind": "causal-lm"}
+        return _save_reference(d, ref, meta)
     p = Predictor.from_dir(artifact)
     probs = p.predict_proba(texts)
     baseline = None
@@ -130,10 +140,14 @@ def champion_reference(ctx: LoopContext, version: int, reference_rows: int) -> d
         baseline = float((probs.argmax(-1) != teacher_logits.argmax(-1)).mean())
     ref = profile_reference(texts, MonitorConfig(max_reference=max(40, reference_rows)), probabilities=probs,
                             embeddings=p.embed(texts), label_names=p.label_names)
+    meta = {"version": version, "artifact": str(artifact), "rows": len(ref.texts), "label_names": list(p.label_names),
+            "baseline_rate": baseline, "kind": "classifier"}
+    return _save_reference(d, ref, meta)
+
+
+def _save_reference(d: Path, ref, meta: dict) -> dict:
     tmp = d.with_name(f"{d.name}.partial-{uuid.uuid4().hex[:8]}")
     ref.save(tmp)
-    meta = {"version": version, "artifact": str(artifact), "rows": len(ref.texts), "label_names": list(p.label_names),
-            "baseline_rate": baseline}
     (tmp / "monitor.json").write_text(json.dumps(meta, indent=2))
     try:
         tmp.rename(d)
@@ -205,6 +219,8 @@ def start_distill(ctx: LoopContext, texts: list[str], version: int, artifact: st
     ``kdops-distill`` deployment when it exists (the monitor returns at once), else in this process."""
     import pandas as pd
 
+    from serving.export import artifact_kind
+
     logger = get_run_logger()
     if _run_in_flight(state.get("distill_run")):
         logger.info("distill run %s is still running; not starting another", state["distill_run"])
@@ -215,18 +231,39 @@ def start_distill(ctx: LoopContext, texts: list[str], version: int, artifact: st
         return {"started": False, "reason": "no evaluation snapshot"}
     rows = pd.DataFrame({"text": list(dict.fromkeys(texts))}).assign(label=None, domain="served")
     train_id = save_snapshot(ctx, rows, tuple(label_names))
-    champion = {"version": version, "artifact": artifact, "report": evaluate_student.fn(ctx, artifact, eval_id)}
-    params = {"ctx": dataclasses.asdict(ctx), "train_id": train_id, "eval_id": eval_id, "champion": champion}
-    if _deployment_exists(DISTILL_DEPLOYMENT):
+    lm = artifact_kind(artifact) == "causal-lm"
+    if lm:
+        # An LM round: the served prompts are new text for the teacher's top-k; the champion's own training
+        # snapshot is replayed; the gate compares per-domain perplexity with the champion's on eval_id.
+        from flows.lm import lm_evaluate, short_lm_report
+        from kdops.registry import Registry
+
+        lineage = Registry(tracking_uri=ctx.tracking_uri).lineage(ctx.model, version)
+        max_length = int(lineage.get("max_length") or 48)
+        report = short_lm_report(lm_evaluate.fn(ctx, artifact, eval_id, max_length)["summary"])
+        replay = [sid for sid in [(lineage.get("snapshot_ids") or {}).get("train")] if sid]
+        params = {"ctx": dataclasses.asdict(ctx), "train_id": train_id, "eval_id": eval_id, "max_length": max_length,
+                  "champion": {"version": version, "artifact": artifact, "report": report}, "replay_ids": replay}
+    else:
+        champion = {"version": version, "artifact": artifact, "report": evaluate_student.fn(ctx, artifact, eval_id)}
+        params = {"ctx": dataclasses.asdict(ctx), "train_id": train_id, "eval_id": eval_id, "champion": champion}
+    deployment = DISTILL_LM_DEPLOYMENT if lm else DISTILL_DEPLOYMENT
+    if _deployment_exists(deployment):
         from prefect.deployments import run_deployment
 
-        run = run_deployment(DISTILL_DEPLOYMENT, parameters=params, timeout=0)
-        logger.info("started %s run %s on snapshot %s (%d texts)", DISTILL_DEPLOYMENT, run.id, train_id, len(rows))
+        run = run_deployment(deployment, parameters=params, timeout=0)
+        logger.info("started %s run %s on snapshot %s (%d texts)", deployment, run.id, train_id, len(rows))
         return {"started": True, "flow_run": str(run.id), "train_id": train_id, "eval_id": eval_id}
-    from flows.loop import distill_flow
+    logger.info("no %s deployment; running its flow here on snapshot %s", deployment, train_id)
+    if lm:
+        from flows.lm import distill_lm_flow
 
-    logger.info("no %s deployment; running distill_flow here on snapshot %s", DISTILL_DEPLOYMENT, train_id)
-    out = distill_flow(ctx, train_id, eval_id, champion=champion, deploy=bool(ctx.triton_url))
+        params.pop("ctx")
+        out = distill_lm_flow(ctx, deploy=bool(ctx.triton_url), **params)
+    else:
+        from flows.loop import distill_flow
+
+        out = distill_flow(ctx, train_id, eval_id, champion=params["champion"], deploy=bool(ctx.triton_url))
     return {"started": True, "flow_run": None, "train_id": train_id, "eval_id": eval_id,
             "version": out["version"], "decision": out["decision"]["action"]}
 
@@ -272,8 +309,10 @@ def monitor_tick(ctx: LoopContext, window_s: float = 3600.0, min_rows: int = 200
                     time.strftime("%H:%M:%S", time.localtime(since)), min_rows)
         return {"action": "waiting", "champion": version, "rows": len(texts)}
     reference = ReferenceProfile.load(reference_dir(ctx, version))
+    classifier = meta.get("kind", "classifier") == "classifier"  # an LM's teacher labels nothing to disagree with
     res = monitor_flow(ctx, reference, since, now, window_id=time.strftime("tick-%Y%m%dT%H%M%S", time.gmtime(now)),
-                       teacher_sample=teacher_sample and bool(ctx.teacher_dir), config=_monitor_config(meta))
+                       teacher_sample=teacher_sample and classifier and bool(ctx.teacher_dir),
+                       config=_monitor_config(meta))
     state["last_checked"] = now
     write_state(ctx, state)
     logger.info("v%s: %d row(s) checked: %s -> %s", version, res.get("rows", 0), res.get("decision"), res.get("action"))
@@ -316,12 +355,13 @@ class UpConfig:
 
 
 def build_deployments(ctx: LoopContext, cfg: UpConfig, label_names: list[str] | None) -> list:
-    """The four served deployments. Default parameters hold ids and paths (the context), nothing large."""
+    """The served deployments. Default parameters hold ids and paths (the context), nothing large."""
     from datetime import timedelta
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
+    from flows.lm import distill_lm_flow
     from flows.loop import distill_flow, promote_flow
     from flows.review import review_flow
 
@@ -338,6 +378,9 @@ def build_deployments(ctx: LoopContext, cfg: UpConfig, label_names: list[str] | 
         # One distillation at a time: rounds queue rather than share the CPU.
         distill_flow.to_deployment("kdops-distill", parameters={"ctx": c}, concurrency_limit=1,
                                    description="One incremental distillation round -> gate -> register -> promote | review.", **common),
+        distill_lm_flow.to_deployment("kdops-distill-lm", parameters={"ctx": c}, concurrency_limit=1,
+                                      description="One causal-LM distillation round (teacher top-k, replay) -> gate -> register -> promote.",
+                                      **common),
         promote_flow.to_deployment("kdops-promote", parameters={"ctx": c},
                                    description="Hot swap on Triton and move the champion alias (a transaction).", **common),
         review_flow.to_deployment("kdops-review", parameters=review_params,

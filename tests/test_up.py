@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DEPLOYMENTS = {"kdops-monitor", "kdops-distill", "kdops-promote", "kdops-review"}
+DEPLOYMENTS = {"kdops-monitor", "kdops-distill", "kdops-distill-lm", "kdops-promote", "kdops-review"}
 
 
 def test_reference_profile_round_trip(tmp_path):
@@ -142,6 +142,60 @@ def test_monitor_tick_retrain_starts_a_distill_round(tmp_path, kdops_home, harne
     assert out["version"] != v1 and out["decision"] in ("promote", "review", "reject")
     assert reg.champion(ctx.model) == v1  # no Triton in ctx: nothing was swapped or promoted
     assert str(reg.lineage(ctx.model, out["version"]).get("parent_version")) == str(v1)
+
+
+@pytest.mark.server
+def test_monitor_tick_and_retrain_on_an_lm_champion(tmp_path, kdops_home, harness, tiny_lm_tokenizer):
+    """A causal-LM champion: its reference is its training text alone (no probabilities, no embeddings), a tick
+    checks the served prompts with the text checks (the teacher labels nothing, so no disagreement check), and
+    the retrain branch runs distill_lm_flow from the champion on the served prompts, replaying its training text."""
+    import dataclasses
+    import json
+
+    import pandas as pd
+
+    from flows.tasks import save_snapshot
+    from flows.up import monitor_tick, reference_dir, start_distill
+    from kdops.prediction_log import PredictionLogWriter
+    from kdops.registry import Registry
+    from monitoring import ReferenceProfile
+    from tests.conftest import make_tiny_lm, save_tiny_lm_student
+
+    teacher_dir = tmp_path / "lm-teacher"
+    make_tiny_lm(len(tiny_lm_tokenizer), layers=3, seed=3).save_pretrained(str(teacher_dir))
+    tiny_lm_tokenizer.save_pretrained(str(teacher_dir))
+    ctx = dataclasses.replace(_ctx(tmp_path, kdops_home), teacher_dir=str(teacher_dir))
+    rng = np.random.default_rng(0)
+    words = ["good", "great", "bad", "awful", "boring", "fun", "dull", "excellent"]
+    reviews = list(dict.fromkeys(f"the {rng.choice(['movie', 'film', 'plot', 'actor', 'story'])} was really "
+                                 f"{rng.choice(words)} and {rng.choice(words)}" for _ in range(200)))
+    train_id = save_snapshot(ctx, pd.DataFrame({"text": reviews, "label": None, "domain": "a"}), None)
+    eval_id = save_snapshot(ctx, pd.DataFrame({"text": reviews[:8], "label": None, "domain": "a"}), None)
+    reg = Registry(tracking_uri=ctx.tracking_uri)
+    with reg.run("tiny-lm") as run:
+        v1 = reg.register(save_tiny_lm_student(tmp_path / "lm", tiny_lm_tokenizer), run.run_id, name=ctx.model,
+                          lineage={"snapshot_ids": {"train": train_id}, "max_length": 16})
+    reg.promote(ctx.model, v1, "test", {})
+
+    questions = [f"{rng.choice(['what', 'where', 'who', 'how'])} is the {rng.choice(['city', 'country', 'person'])} ?"
+                 for _ in range(60)]
+    with PredictionLogWriter(ctx.prediction_log, "test") as w:  # what the served LM logs: prompts, no probabilities
+        w.write_batch(questions, [[] for _ in questions], ["a completion"] * len(questions), ctx.model, "1-test")
+    out = monitor_tick(ctx, window_s=600, min_rows=40)
+    ref = ReferenceProfile.load(reference_dir(ctx, v1))
+    meta = json.loads((reference_dir(ctx, v1) / "monitor.json").read_text())
+    assert sorted(ref.texts) == sorted(reviews) and ref.embeddings is None and meta["kind"] == "causal-lm"
+    assert out["rows"] == 60 and out["champion"] == v1 and out["decision"] != "ok"  # questions are not reviews
+    checks = json.dumps(out["history"])
+    assert "text." in checks and "disagreement" not in checks and "prediction" not in checks
+
+    res = start_distill(ctx, questions, v1, meta["artifact"], [], eval_id, {})
+    assert res["started"] and res["flow_run"] is None and res["version"] != v1
+    assert res["decision"] in ("promote", "review", "reject")
+    lineage = reg.lineage(ctx.model, res["version"])
+    assert str(lineage["parent_version"]) == str(v1) and lineage["snapshot_ids"]["train"] == res["train_id"]
+    assert lineage["replay"] > 0  # the champion's training text came back as replay
+    assert reg.champion(ctx.model) == v1  # no Triton in ctx: nothing swapped or promoted
 
 
 async def _api_view(url: str) -> tuple[dict, list]:
