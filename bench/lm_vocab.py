@@ -13,6 +13,10 @@ giving <other>'s mass to the dropped ids, none of them trained:
 - ``tail_rank<r>``: the same through a rank-r SVD of those rows (what would fit the parameter budget);
 - ``spelled``: no <other>; each dropped token is spelled with kept tokens (greedy longest match), and
   <other> is renormalised away;
+- ``seen<n>_mix``: a softmax over the teacher's embedding rows of the ``n`` dropped ids the teacher put most
+  top-k mass on in the training text (its cached top-k; ``all``: every such id), fed the student's last hidden
+  state, mixed half and half with ``fitted`` (which covers the other dropped ids): a context tail cut down to
+  the ids that occur in the domain, n x 576 extra parameters, untrained;
 - ``oracle_tail``: p(<other>) x the teacher's own distribution over the dropped ids in that context: the
   best any tail could do for this student (it needs the teacher at scoring time, so it is a bound only).
 
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-sentences", type=int, default=100, help="Held-out movie test sentences (bench/lm.py's).")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--ranks", type=int, nargs="*", default=[16, 32, 64, 128])
+    ap.add_argument("--seen-rows", type=int, nargs="*", default=[2000, 4000, 8000, 0],
+                    help="Row counts for the seen<n>_mix tails (0: every dropped id with teacher mass).")
+    ap.add_argument("--train-sentences", type=int, default=8029, help="Training sentences for the teacher mass (bench/lm.py's).")
+    ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -76,11 +84,34 @@ def main(argv: list[str] | None = None) -> dict:
     emb = teacher.model.get_input_embeddings().weight.detach()[dropped].float()  # (D, H)
     u, s, vh = torch.linalg.svd(emb, full_matrices=False)
     tails = {"tail_full": (emb, None), **{f"tail_rank{r}": (u[:, :r] * s[:r], vh[:r].T) for r in args.ranks}}
+    # the dropped ids the teacher expects in this domain: its top-k mass (and the targets) over bench/lm.py's
+    # training sentences, from the cache bench/lm.py filled
+    import numpy as np
+
+    from kdops.lm.cache import LMSoftLabelCache
+    from kdops.paths import home
+
+    train = corpora.load("sentiment", split="train", domains=("movie",)).rows.sample(n=args.train_sentences,
+                                                                                     random_state=args.seed)
+    tseqs = teacher.encode(train["text"].tolist(), args.max_length)
+    mass = np.zeros(vocab)
+    for q, (ids_k, lps_k) in zip(tseqs, LMSoftLabelCache(home() / "lm_soft_labels.sqlite").get_or_compute_topk(teacher, tseqs, 32)):
+        np.add.at(mass, np.asarray(q[1:], np.int64), 1.0)
+        np.add.at(mass, ids_k.reshape(-1).astype(np.int64), np.exp(lps_k.reshape(-1).astype(np.float64)))
+    mass[~is_dropped.numpy()] = 0.0
+    by_mass = np.argsort(-mass)[: int((mass > 0).sum())]
+    full_emb = teacher.model.get_input_embeddings().weight.detach().float()
+    seen = {}
+    for n in args.seen_rows:
+        ids_n = torch.from_numpy(by_mass[: n or len(by_mass)].copy())
+        pos = torch.full((vocab,), -1, dtype=torch.long)
+        pos[ids_n] = torch.arange(len(ids_n))
+        seen[f"seen{n or 'all'}_mix"] = (full_emb[ids_n], pos)
     kept_strings = {tok.convert_ids_to_tokens(k): k for k in student.keep_ids.tolist()}
     longest = max(map(len, kept_strings))
 
     texts = corpora.load("sentiment", split="test", domains=("movie",)).rows.head(args.eval_sentences)["text"].tolist()
-    nll = {k: 0.0 for k in ["teacher", "uniform", "fitted", *tails, "spelled", "oracle_tail"]}
+    nll = {k: 0.0 for k in ["teacher", "uniform", "fitted", *tails, *seen, "spelled", "oracle_tail"]}
     tokens = oov = unspellable = 0
     with torch.no_grad():
         for seq in teacher.encode(texts, args.max_length):
@@ -103,6 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
                 tail = torch.log_softmax((h if proj is None else h @ proj) @ rows.T, -1)  # (T-1, D)
                 at = tail.gather(-1, row[tgt].clamp(min=0)[:, None]).squeeze(-1)
                 nll[name] -= float((base + torch.where(miss, at, torch.zeros_like(at))).sum())
+            fitted = student.tail_logprob[tgt]
+            for name, (rows, pos) in seen.items():
+                at = torch.log_softmax(h @ rows.T, -1).gather(-1, pos[tgt].clamp(min=0)[:, None]).squeeze(-1)
+                at = torch.where(pos[tgt] >= 0, at, torch.full_like(at, -1e9))
+                mix = torch.logaddexp(at + math.log(0.5), fitted + math.log(0.5))
+                nll[name] -= float((base + torch.where(miss, mix, torch.zeros_like(mix))).sum())
             spelled = [seq[0]]
             for t in seq[1:]:
                 pieces = [t] if not is_dropped[t] else spell(tok, kept_strings, longest, t)
@@ -118,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
            "kept_ids": int(student.keep_ids.numel()), "unspellable": unspellable,
            "uniform_penalty_nats": round(oov * math.log(len(dropped)) / tokens, 4),
            "student_params": student.num_parameters(), "teacher_params": teacher.num_parameters(),
-           "tail_params": {k: rows.numel() + (0 if p is None else p.numel()) for k, (rows, p) in tails.items()},
+           "tail_params": {**{k: rows.numel() + (0 if p is None else p.numel()) for k, (rows, p) in tails.items()},
+                           **{k: rows.numel() for k, (rows, _) in seen.items()}},
+           "dropped_ids_with_teacher_mass": len(by_mass),
            "ppl": {k: round(math.exp(v / tokens), 2) for k, v in nll.items()},
            "ppl_ratio": {k: round(math.exp((v - nll["teacher"]) / tokens), 4) for k, v in nll.items() if k != "teacher"},
            "command": " ".join(sys.argv)}

@@ -61,16 +61,19 @@ class LMSoftLabelCache:
 
     # -- top-k ---------------------------------------------------------------------------------
 
-    def _lookup_topk(self, teacher_id: str, keys: list[str], k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    def _select(self, sql: str, params: list, keys: Sequence[str]):
+        """The rows of ``sql`` (ending ``AND key IN ({})``) for the unique ``keys``, queried in chunks under
+        SQLite's bound-parameter limit."""
+        uniq = list(dict.fromkeys(keys))
         with self._connect() as db:
-            for s in range(0, len(keys), 900):  # SQLite's bound-parameter limit
-                chunk = keys[s:s + 900]
-                q = (f"SELECT key, n, ids, logprobs FROM topk WHERE teacher_id=? AND k=? "
-                     f"AND key IN ({','.join('?' * len(chunk))})")
-                for key, n, ids, lps in db.execute(q, [teacher_id, k, *chunk]):
-                    found[key] = (np.frombuffer(ids, np.int32).reshape(n, k), np.frombuffer(lps, np.float32).reshape(n, k))
-        return found
+            for s in range(0, len(uniq), 900):
+                part = uniq[s:s + 900]
+                yield from db.execute(sql.format(",".join("?" * len(part))), [*params, *part])
+
+    def _lookup_topk(self, teacher_id: str, keys: list[str], k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        sql = "SELECT key, n, ids, logprobs FROM topk WHERE teacher_id=? AND k=? AND key IN ({})"
+        return {key: (np.frombuffer(ids, np.int32).reshape(n, k), np.frombuffer(lps, np.float32).reshape(n, k))
+                for key, n, ids, lps in self._select(sql, [teacher_id, k], keys)}
 
     def get_or_compute_topk(self, teacher: LMTeacher, sequences: Sequence[Sequence[int]], k: int,
                             chunk: int = 64, progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -98,15 +101,9 @@ class LMSoftLabelCache:
         """Per sequence ``(nll summed over its predicted tokens, their count, top-1 ids (L,) int32)``; ``compute``
         scores a list of sequences with the teacher (kdops.lm.evaluate.teacher_scores)."""
         keys = [sequence_key(s) for s in sequences]
-        found: dict[str, tuple[float, int, np.ndarray]] = {}
-        uniq = list(dict.fromkeys(keys))
-        with self._connect() as db:
-            for s in range(0, len(uniq), 900):
-                part = uniq[s:s + 900]
-                q = (f"SELECT key, nll, tokens, top1 FROM scores WHERE teacher_id=? "
-                     f"AND key IN ({','.join('?' * len(part))})")
-                for key, nll, n, top1 in db.execute(q, [teacher_id, *part]):
-                    found[key] = (float(nll), int(n), np.frombuffer(top1, np.int32))
+        sql = "SELECT key, nll, tokens, top1 FROM scores WHERE teacher_id=? AND key IN ({})"
+        found = {key: (float(nll), int(n), np.frombuffer(top1, np.int32))
+                 for key, nll, n, top1 in self._select(sql, [teacher_id], keys)}
 
         def run(part: list[tuple[str, Sequence[int]]]) -> list[tuple[float, int, np.ndarray]]:
             out = [(float(nll), int(n), np.asarray(top1, np.int32)) for nll, n, top1 in compute([list(q) for _, q in part])]
@@ -125,15 +122,9 @@ class LMSoftLabelCache:
                         chunk: int = 32, progress: bool = False) -> list[list[int]]:
         """The teacher's greedy continuation (new tokens only) of every prompt, in the order given."""
         keys = [sequence_key(p) for p in prompts]
-        found: dict[str, list[int]] = {}
-        uniq = list(dict.fromkeys(keys))
-        with self._connect() as db:
-            for s in range(0, len(uniq), 900):
-                part = uniq[s:s + 900]
-                q = (f"SELECT key, ids FROM generations WHERE teacher_id=? AND max_new_tokens=? "
-                     f"AND key IN ({','.join('?' * len(part))})")
-                for key, ids in db.execute(q, [teacher.id, max_new_tokens, *part]):
-                    found[key] = np.frombuffer(ids, np.int32).tolist()
+        sql = "SELECT key, ids FROM generations WHERE teacher_id=? AND max_new_tokens=? AND key IN ({})"
+        found = {key: np.frombuffer(ids, np.int32).tolist()
+                 for key, ids in self._select(sql, [teacher.id, max_new_tokens], keys)}
 
         def compute(part: list[tuple[str, Sequence[int]]]) -> list[list[int]]:
             gens = [list(g) for g in teacher.generate([list(p) for _, p in part], max_new_tokens)]
