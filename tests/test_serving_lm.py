@@ -236,6 +236,10 @@ def test_streaming_model_sends_text_as_it_is_generated_and_hot_swaps(lm_served, 
     assert sse.status_code == 200 and len(events) > 1 and "".join(e["COMPLETION"] for e in events) == local[0]
     with pytest.raises(ServingError, match="empty"):
         list(client.generate_stream("genst", ["   "], max_tokens=3))
+    abandoned = client.generate_stream("genst", prompts[:1], max_tokens=16)
+    assert next(abandoned).text  # a client that reads one piece and goes away (its request is cancelled)...
+    abandoned.close()
+    assert client.generate("genst", prompts, max_tokens=6).texts == local  # ...leaves the model serving
     out = CliRunner().invoke(app, ["generate", prompts[0], "--model", "genst", "--url", server.url,
                                    "--grpc-url", server.grpc_url, "--max-tokens", "6", "--stream"])
     assert out.exit_code == 0 and out.output == local[0] + "\n", out.output

@@ -147,6 +147,8 @@ class TritonPythonModel:
         def emit(chunk):
             i, r, n = owner[chunk.row]
             tokens[chunk.row] = chunk.tokens
+            if open_rows[i] <= 0:
+                return  # closed already: its client went away
             texts = [b""] * n
             texts[r] = chunk.text.encode("utf-8")
             a = chunk.row - r
@@ -154,7 +156,11 @@ class TritonPythonModel:
                     pb_utils.Tensor("TOKENS", np.array([[tokens[a + k]] for k in range(n)], np.int32)),
                     pb_utils.Tensor("MODEL_VERSION", np.array([[version]] * n, object))]
             open_rows[i] -= int(chunk.final)
-            senders[i].send(pb_utils.InferenceResponse(output_tensors=outs), flags=final if open_rows[i] == 0 else 0)
+            try:
+                senders[i].send(pb_utils.InferenceResponse(output_tensors=outs), flags=final if open_rows[i] == 0 else 0)
+            except Exception as e:  # a cancelled request or a gone client: the other requests go on
+                open_rows[i] = 0
+                pb_utils.Logger.log_warn(f"{self.model_name}: streaming response not sent ({e}); request dropped")
 
         try:
             gens = generator.stream_checked(prompts, budgets, temps, emit)
