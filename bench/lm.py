@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=10, help="Teacher layers the student keeps (of 30).")
     ap.add_argument("--strategy", default="influence", choices=["influence", "first_last", "first", "even"],
                     help="Which teacher layers to keep (influence: the most influential on the training text).")
-    ap.add_argument("--trim-vocab", type=int, default=16384,
+    ap.add_argument("--trim-vocab", type=int, default=24576,
                     help="Trim the vocabulary to ids seen in training + the first N ids (off by default).")
     ap.add_argument("--vocab-share", type=float, default=0.8,
                     help="Trimmed vocabulary: keep the ids of this share of the training text (the rest trains <other>).")
