@@ -114,15 +114,15 @@ def champion_reference(ctx: LoopContext, version: int, reference_rows: int) -> d
     d = reference_dir(ctx, version)
     if (d / "profile.json").exists() and (d / "monitor.json").exists():
         return json.loads((d / "monitor.json").read_text())
+    from kdops.artifacts import read_meta
     from kdops.predict import Predictor
     from monitoring import MonitorConfig, profile_reference
-    from serving.export import artifact_kind
 
     texts = _lineage_texts(ctx, version, reference_rows)
     if not texts:
         return None
     artifact = _champion_artifact(ctx, version)
-    if artifact_kind(artifact) == "causal-lm":
+    if read_meta(artifact).kind == "causal-lm":
         # A generation model: the prompts are what is monitored (text checks only; no class probabilities,
         # embeddings or teacher labels to compare)
         ref = profile_reference(texts, MonitorConfig(max_reference=max(40, reference_rows)))
@@ -219,7 +219,7 @@ def start_distill(ctx: LoopContext, texts: list[str], version: int, artifact: st
     ``kdops-distill`` deployment when it exists (the monitor returns at once), else in this process."""
     import pandas as pd
 
-    from serving.export import artifact_kind
+    from kdops.artifacts import read_meta
 
     logger = get_run_logger()
     if _run_in_flight(state.get("distill_run")):
@@ -231,7 +231,7 @@ def start_distill(ctx: LoopContext, texts: list[str], version: int, artifact: st
         return {"started": False, "reason": "no evaluation snapshot"}
     rows = pd.DataFrame({"text": list(dict.fromkeys(texts))}).assign(label=None, domain="served")
     train_id = save_snapshot(ctx, rows, tuple(label_names))
-    lm = artifact_kind(artifact) == "causal-lm"
+    lm = read_meta(artifact).kind == "causal-lm"
     if lm:
         # An LM round: the served prompts are new text for the teacher's top-k; the champion's own training
         # snapshot is replayed; the gate compares per-domain perplexity with the champion's on eval_id.

@@ -47,8 +47,12 @@ def _next_token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.
     targets = ids[:, 1:]
     if hasattr(model, "full_logprobs"):  # LMStudent: scores over the full vocabulary
         return model.full_logprobs(model(ids, mask)[:, :-1], targets)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return _target_logprobs(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids)
+
+
+def _target_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, 1:]) (B, T-1) from a plain causal LM's logits (B, T, V)."""
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -79,9 +83,8 @@ def teacher_scores(model, sequences: Sequence[Sequence[int]], pad_id: int = 0,
         part = sequences[s:s + batch_size]
         ids, mask = pad_batch(part, pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        lp = (lp * mask[:, 1:]).double()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        lp = (_target_logprobs(logits, ids) * mask[:, 1:]).double()
         top1 = logits.argmax(-1).cpu().numpy().astype(np.int32)
         for r, seq in enumerate(part):
             n = len(seq)
