@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--alpha", type=float, default=0.5, help="CE weight (1 - alpha on token KD).")
     ap.add_argument("--kd-mode", default="forward", choices=["forward", "reverse", "jsd"])
     ap.add_argument("--topk", type=int, default=32)
+    ap.add_argument("--kd-residual", action=argparse.BooleanOptionalAction, default=False,
+                    help="Token KD over the top-k plus a slot for the rest of the vocabulary (LMDistillConfig.kd_residual).")
     ap.add_argument("--seq-kd-weight", type=float, default=0.0)
+    ap.add_argument("--tail-rank", type=int, default=64,
+                    help="Rank of the context tail (kdops.lm.tail.TailHead) fitted on held-out text; 0: context-free tail only.")
+    ap.add_argument("--calibration-fraction", type=float, default=0.1,
+                    help="Share of the training sentences held out of distillation to fit the context tail on.")
     # Trainable by default now that the vocabulary is trimmed (~23k rows). Untrimmed, the tied 49,152 x 576
     # embedding is 53% of a 7-layer student and its dense gradient + AdamW update made a CPU step ~5x slower.
     ap.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=False,
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     from kdops.lm.distill import LMDistillConfig
     from kdops.lm.evaluate import LMEvalConfig
     from kdops.lm.rounds import LMShape, evaluate_lm, run_lm_round
+    from kdops.lm.tail import TailConfig
     from kdops.lm.teacher import HFCausalLMTeacher, smollm2_dir
     from kdops.paths import home, subdir
 
@@ -72,13 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
         n=args.train_sentences, random_state=args.seed)
     test = corpora.load("sentiment", split="test", domains=("movie",)).rows.head(args.eval_sentences)
     cfg = LMDistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
-                          kd_mode=args.kd_mode, topk=args.topk, seq_kd_weight=args.seq_kd_weight, seed=args.seed,
-                          freeze_embeddings=args.freeze_embeddings)
+                          kd_mode=args.kd_mode, topk=args.topk, kd_residual=args.kd_residual,
+                          seq_kd_weight=args.seq_kd_weight, seed=args.seed, freeze_embeddings=args.freeze_embeddings)
     shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab, vocab_share=args.vocab_share)
     # The same round and evaluation the LM flow runs (kdops.lm.rounds); only the data choice is the bench's.
     round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(),
                           subdir("students") / "smollm2-movie-lm", cfg, shape, args.max_length, device=args.device,
-                          lineage={"train_sentences": len(train)})
+                          lineage={"train_sentences": len(train)},
+                          tail=TailConfig(rank=args.tail_rank, calibration_fraction=args.calibration_fraction))
     sdir, layers = round_.artifact, round_.info["layers"]
     report = evaluate_lm(sdir, teacher, {"movie": test["text"].tolist()}, args.max_length, speed=True,
                          eval_cfg=LMEvalConfig(threads=args.speed_threads), device=args.device)

@@ -248,6 +248,7 @@ def token_kd_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    residual: bool = False,
 ) -> Tensor:
     """Token-level KD against a teacher's cached top-k, scaled by T² and averaged over valid tokens.
 
@@ -265,6 +266,12 @@ def token_kd_loss(
     ``β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m)``, ``m = β·p_t + (1−β)·p_s``. As in TRL, ``β = 0`` is defined as
     forward KL and ``β = 1`` as reverse KL: the JSD itself vanishes at the ends, but JSD_β/β → forward KL
     as β → 0 and JSD_β/(1−β) → reverse KL as β → 1. At β = 0.5 it is the symmetric JSD, bounded by log 2.
+
+    ``residual=True`` compares K + 1 slots instead: each distinct cached id and the rest of the vocabulary,
+    ``1 − Σ p`` (both models' full-softmax probabilities; the temperature then softens these K + 1). The
+    renormalised top-k above says nothing about how much mass the student puts outside the teacher's top-k
+    (on SmolLM2-135M the top-32 held 74 % of it on average); the rest slot does. Repeated ids (a trimmed
+    student maps every dropped id to one ``<other>``) are merged into one slot, their teacher mass summed.
     Returns a scalar.
     """
     _check_temperature(temperature)
@@ -281,6 +288,9 @@ def token_kd_loss(
             f"expected student_logits (B, T, V) and topk_ids/topk_logprobs (B, T, K); got "
             f"{tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_logprobs.shape)}."
         )
+    if residual:
+        per_token = _residual_kd(student_logits, topk_ids, topk_logprobs, mode, beta, temperature, mask)
+        return temperature**2 * _masked_mean(per_token, mask)
     student_k = student_logits.gather(-1, topk_ids)  # (B, T, K)
     teacher_k = topk_logprobs.detach().to(student_k.dtype)  # (B, T, K)
     if mask is not None:  # masked tokens may hold garbage (NaN, all -inf): make them harmless, then drop them
@@ -289,18 +299,46 @@ def token_kd_loss(
         teacher_k = torch.where(valid, teacher_k, torch.zeros_like(teacher_k))
     log_p_s = F.log_softmax(student_k / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_k / temperature, dim=-1)
+    return temperature**2 * _masked_mean(_divergence(log_p_t, log_p_s, mode, beta), mask)  # per token (B, T)
 
+
+def _divergence(log_p_t: Tensor, log_p_s: Tensor, mode: str, beta: float) -> Tensor:
     if mode == "forward" or (mode == "jsd" and beta == 0.0):
-        per_token = _kl_from_log(log_p_t, log_p_s)
-    elif mode == "reverse" or (mode == "jsd" and beta == 1.0):
-        per_token = _kl_from_log(log_p_s, log_p_t)
-    else:
-        # log m = log(β·p_t + (1−β)·p_s), computed in log space as TRL does
-        log_m = torch.logsumexp(
-            torch.stack([log_p_t + math.log(beta), log_p_s + math.log(1.0 - beta)]), dim=0
-        )
-        per_token = beta * _kl_from_log(log_p_t, log_m) + (1.0 - beta) * _kl_from_log(log_p_s, log_m)
-    return temperature**2 * _masked_mean(per_token, mask)  # per_token (B, T)
+        return _kl_from_log(log_p_t, log_p_s)
+    if mode == "reverse" or (mode == "jsd" and beta == 1.0):
+        return _kl_from_log(log_p_s, log_p_t)
+    # log m = log(β·p_t + (1−β)·p_s), computed in log space as TRL does
+    log_m = torch.logsumexp(torch.stack([log_p_t + math.log(beta), log_p_s + math.log(1.0 - beta)]), dim=0)
+    return beta * _kl_from_log(log_p_t, log_m) + (1.0 - beta) * _kl_from_log(log_p_s, log_m)
+
+
+_ABSENT = -1e4  # log-prob of a merged-away slot: exp() is exactly 0, yet finite so no 0 * inf can appear
+
+
+def _with_rest(logp: Tensor) -> Tensor:
+    """(..., K) log-probs of distinct ids -> (..., K + 1) with log(1 − Σ p) appended (floored at 1e-6)."""
+    total = torch.logsumexp(logp, -1, keepdim=True)
+    return torch.cat([logp, torch.log((-torch.expm1(total)).clamp(min=1e-6))], -1)
+
+
+def _residual_kd(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mode: str, beta: float,
+                 temperature: float, mask: Tensor | None) -> Tensor:
+    """Per-token divergence over the distinct top-k ids plus the rest of the vocabulary (see token_kd_loss)."""
+    K = topk_ids.shape[-1]
+    student_k = F.log_softmax(student_logits.float(), -1).gather(-1, topk_ids)  # full-softmax log-probs
+    teacher_k = topk_logprobs.detach().float()
+    if mask is not None:  # masked tokens may hold garbage: make them a harmless flat K-way split
+        valid = mask.to(torch.bool)[..., None]
+        flat = torch.full_like(student_k, -math.log(K + 1))
+        student_k, teacher_k = torch.where(valid, student_k, flat), torch.where(valid, teacher_k, flat)
+    same = topk_ids[..., :, None] == topk_ids[..., None, :]  # (B, T, K, K)
+    repeat = (same & torch.ones(K, K, dtype=torch.bool, device=same.device).tril(-1)).any(-1)  # an earlier slot has it
+    merged = torch.logsumexp(torch.where(same, teacher_k[..., None, :], torch.full_like(same, -math.inf, dtype=teacher_k.dtype)), -1)
+    teacher_k = torch.where(repeat | ~torch.isfinite(merged), torch.full_like(merged, _ABSENT), merged)
+    student_k = torch.where(repeat, torch.full_like(student_k, _ABSENT), student_k)
+    log_p_t = F.log_softmax(_with_rest(teacher_k) / temperature, -1)
+    log_p_s = F.log_softmax(_with_rest(student_k) / temperature, -1)
+    return _divergence(log_p_t, log_p_s, mode, beta)
 
 
 def sequence_kd_loss(student_logits: Tensor, target_ids: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -475,6 +475,38 @@ def test_token_padded_topk_slot_with_minus_inf_is_ignored():
     assert token_kd_loss(a, ids4, lps4).item() > 0
 
 
+def test_token_residual_kd_sees_mass_outside_the_topk_and_merges_repeats():
+    """The renormalised top-k KD cannot tell a student that matches the teacher from one that puts more mass
+    outside the teacher's top-k; the residual slot can. Repeated ids are one slot holding their summed mass."""
+    a = _logits(2, 3, 12, seed=31)
+    top = torch.log_softmax(a, -1).topk(4, -1)
+    ids, lps = top.indices, top.values  # the teacher: exactly ``a`` (partial top-k)
+    for mode in ("forward", "reverse", "jsd"):
+        assert token_kd_loss(a, ids, lps, mode=mode, residual=True).item() == pytest.approx(0.0, abs=1e-6)
+    outside = a.clone()
+    hit = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, ids, True)
+    outside[~hit] += 2.0  # same shape inside the top-4, more mass outside it
+    assert token_kd_loss(outside, ids, lps).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_kd_loss(outside, ids, lps, residual=True).item() > 0.1
+    # two teacher slots naming one student id (dropped ids mapped to <other>) act as one slot with both masses
+    p = torch.tensor([0.4, 0.2, 0.1, 0.1])
+    ids_rep, lps_rep = torch.tensor([[[0, 1, 1, 2]]]), p.log().view(1, 1, 4)
+    ids_one, lps_one = torch.tensor([[[0, 1, 2]]]), torch.tensor([0.4, 0.3, 0.1]).log().view(1, 1, 3)
+    s = _logits(1, 1, 5, seed=32).requires_grad_()
+    rep = token_kd_loss(s, ids_rep, lps_rep, residual=True)
+    rep.backward()
+    assert torch.isfinite(s.grad).all()
+    one = token_kd_loss(s.detach(), ids_one, lps_one, residual=True)
+    assert rep.item() == pytest.approx(one.item(), abs=1e-4) and rep.item() > 0
+    # masked positions with garbage stay out of the value and the gradient
+    g = lps.clone()
+    g[0, 2] = float("nan")
+    x = a.clone().requires_grad_()
+    out = token_kd_loss(x, ids, g, mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), residual=True)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and x.grad[0, 2].abs().sum() == 0
+
+
 @pytest.mark.parametrize("kwargs", [dict(mode="kl"), dict(beta=1.5), dict(temperature=-1.0)])
 def test_token_rejects_bad_arguments(kwargs):
     a = _logits(1, 2, 4)

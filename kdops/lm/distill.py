@@ -40,6 +40,10 @@ class LMDistillConfig:
     beta: float = field(default=0.5, metadata={"help": "Generalised-JSD interpolation (only for kd_mode='jsd')."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD term (loss scaled by T^2)."})
     topk: int = field(default=32, metadata={"help": "Teacher top-k ids/log-probs cached per position."})
+    kd_residual: bool = field(
+        default=False, metadata={"help": "Token KD over the top-k ids plus one slot for the rest of the vocabulary "
+                                         "(kdops.losses.token_kd_loss residual=True), not the renormalised top-k."}
+    )
     seq_kd_weight: float = field(default=0.0, metadata={"help": "Weight of sequence-level KD on teacher generations."})
     seq_kd_prompt_tokens: int = field(default=6, metadata={"help": "Prompt length (tokens) for teacher generations."})
     seq_kd_new_tokens: int = field(default=24, metadata={"help": "Tokens the teacher generates per prompt."})
@@ -78,8 +82,8 @@ def _topk_batch(student: LMStudent, rows: list[tuple], T: int, k: int, device) -
         n = tid.shape[0]
         ids[i, :n] = torch.tensor(tid, dtype=torch.long)
         lps[i, :n] = torch.tensor(tlp)  # copies: cache rows are read-only buffers
-    # A trimmed student sees dropped ids as <other>; a duplicated <other> in the top-k is gathered twice,
-    # a small overcount that only touches the rare out-of-domain tokens.
+    # A trimmed student sees dropped ids as <other>: the renormalised top-k KD gathers a repeated <other> once
+    # per slot; the residual KD (cfg.kd_residual) merges the repeats into one slot with their summed mass.
     return student.map_ids(ids.to(device)), lps.to(device)
 
 
@@ -129,7 +133,7 @@ def distill_round(student: LMStudent, teacher: LMTeacher, cache: LMSoftLabelCach
             if topk is not None:
                 t_ids, t_lps = _topk_batch(student, [topk[i] for i in idx], ids.shape[1] - 1, cfg.topk, device)
                 kd = token_kd_loss(logits[:, :-1], t_ids, t_lps, mode=cfg.kd_mode, beta=cfg.beta,
-                                   temperature=cfg.temperature, mask=mask[:, 1:])
+                                   temperature=cfg.temperature, mask=mask[:, 1:], residual=cfg.kd_residual)
                 loss = loss + (1 - cfg.alpha) * kd
             seq = torch.zeros((), device=device)
             if gens:

@@ -44,9 +44,8 @@ class LMEvalConfig:
 
 def _next_token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log p(ids[:, 1:]) (B, T-1) for a plain HF causal LM or an ``LMStudent``."""
-    targets = ids[:, 1:]
-    if hasattr(model, "full_logprobs"):  # LMStudent: scores over the full vocabulary
-        return model.full_logprobs(model(ids, mask)[:, :-1], targets)
+    if hasattr(model, "next_token_logprobs"):  # LMStudent: scores over the full vocabulary
+        return model.next_token_logprobs(ids, mask)
     return _target_logprobs(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids)
 
 

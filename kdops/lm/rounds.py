@@ -1,14 +1,16 @@
 """One causal-LM distillation round and its evaluation: what the LM flow, the CLI and bench/lm.py run.
 
 ``run_lm_round``: carve a student from the teacher (first round) or continue the champion (later rounds),
-distil it on the new texts plus a replay sample of earlier ones (their teacher top-k are cache hits), and
-save it with lineage. ``evaluate_lm``: perplexity per domain for teacher and student, top-1 agreement and,
+distil it on the new texts plus a replay sample of earlier ones (their teacher top-k are cache hits), fit a
+trimmed student's tail (context-free on the training text; the context head, kdops.lm.tail.TailHead, on a
+share of the round's text held out of distillation), and save it with lineage. ``evaluate_lm``: perplexity per domain for teacher and student, top-1 agreement and,
 optionally, generation speed and peak memory; returns an ``LMReport`` whose summary the LM gate reads.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from kdops.lm.evaluate import (LMEvalConfig, LMReport, measure_generation, perpl
                                top1_agreement)
 from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, save_lm_student,
                                select_by_influence, select_layers)
-from kdops.lm.tail import fit_tail
+from kdops.lm.tail import TailConfig, fit_tail, fit_tail_head
 from kdops.lm.teacher import HFCausalLMTeacher
 
 
@@ -52,14 +54,25 @@ class LMRoundResult:
 def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Sequence[str], out_dir: str | Path,
                  cfg: LMDistillConfig = LMDistillConfig(), shape: LMShape = LMShape(), max_length: int = 48,
                  champion_dir: str | Path | None = None, replay_texts: Sequence[str] = (),
-                 lineage: Mapping | None = None, device: str = "cpu", progress: bool = True) -> LMRoundResult:
+                 lineage: Mapping | None = None, device: str = "cpu", progress: bool = True,
+                 tail: TailConfig = TailConfig()) -> LMRoundResult:
     """Distil one round into ``out_dir`` (written atomically) and return where it went."""
     t0 = time.perf_counter()
     seqs = teacher.encode(list(texts), max_length)
+    student = None
     if champion_dir is not None:
         student, _, meta = load_lm_student(champion_dir, device=device)
         layers = meta.get("lineage", {}).get("layers")
-    else:
+    trimmed = student.trimmed if student is not None else shape.trim_vocab is not None
+    # The context head is fitted on text the student never trained on, as served prompts will be: a seeded
+    # share of this round's sentences is held out of distillation (and out of the kept vocabulary).
+    calibration: list[list[int]] = []
+    n_cal = min(tail.calibration_max, int(round(tail.calibration_fraction * len(seqs))))
+    if trimmed and tail.rank > 0 and n_cal >= 2 and len(seqs) - n_cal >= 2 and hasattr(teacher, "model"):
+        held = set(random.Random(cfg.seed + 1).sample(range(len(seqs)), n_cal))
+        calibration = [s for i, s in enumerate(seqs) if i in held]
+        seqs = [s for i, s in enumerate(seqs) if i not in held]
+    if student is None:
         keep = None
         if shape.trim_vocab is not None:
             # The vocabulary comes from a seeded share of the text only: the rest then holds ids the student does
@@ -77,19 +90,29 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
     replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []
     res = distill_round(student, teacher, cache, seqs, cfg, replay=replay, pad_id=teacher.pad_id, device=device,
                         progress=progress)
-    tail = None
+    tail_info, head_info = None, None
     if student.trimmed:  # <other>'s spread over the dropped ids, from this round's text and cached teacher top-k
+        student.set_head(None)  # a champion's head was fitted to the champion's hidden states
         pool = [list(s) for s in [*seqs, *replay] if len(s) > 1]
         topk = cache.get_or_compute_topk(teacher, pool, cfg.topk) if cfg.alpha < 1.0 else None
         fit = fit_tail(student.full_vocab_size, student.keep_ids.cpu(), pool, topk, seed=cfg.seed)
         student.set_tail(fit.logprob)
-        tail = fit.summary()
+        tail_info = fit.summary()
+        if calibration:
+            hfit = fit_tail_head(student, teacher.model, calibration, teacher.pad_id, tail,
+                                 teacher_embedding=teacher.model.get_input_embeddings().weight.detach(), progress=progress)
+            head_info = {**hfit.summary(), "installed": hfit.info["best_step"] > 0}
+            if head_info["installed"]:  # it beat the context-free tail on held-out positions
+                student.set_tail(hfit.tail_logprob)
+                student.set_head(hfit.head)
     lin = {"teacher_id": teacher.id, "layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
            "parent_artifact": str(champion_dir) if champion_dir else None, "distill": res["config"],
-           "sequences": len(seqs), "replay": len(replay), "max_length": max_length, "tail": tail, **(lineage or {})}
+           "sequences": len(seqs), "replay": len(replay), "max_length": max_length, "tail": tail_info,
+           "tail_head": head_info, "calibration_sequences": len(calibration), **(lineage or {})}
     out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin)
     info = {k: v for k, v in res.items() if k != "history"}
-    info.update(layers=layers, tail=tail, seconds=round(time.perf_counter() - t0, 1))
+    info.update(layers=layers, tail=tail_info, tail_head=head_info, calibration_sequences=len(calibration),
+                seconds=round(time.perf_counter() - t0, 1))
     return LMRoundResult(Path(out), res["history"], info)
 
 

@@ -11,7 +11,8 @@
   row. It stays a proper distribution over the full vocabulary: a dropped id gets
   ``p(<other>) x tail(id)``, where the tail is uniform over the dropped ids until a round fits it
   (kdops.lm.tail), so perplexities stay comparable with the teacher's, and dropped ids that occur in
-  held-out text are paid for in full. Generation never emits ``<other>``.
+  held-out text are paid for in full. A fitted ``TailHead`` makes ``<other>``'s share and the tail depend
+  on the last hidden state (scoring only). Generation never emits ``<other>``, so neither changes it.
 - ``from_config``: a random-init ``LlamaForCausalLM`` of any shape with the teacher's tokenizer.
 
 ``LMStudent`` wraps the HF model and the id map; ``save_lm_student`` / ``load_lm_student`` write and read
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdops.artifacts import ArtifactError, file_sha256
-from kdops.lm.tail import uniform_tail
+from kdops.lm.tail import TailHead, uniform_tail
 from kdops.paths import atomic_dir
 
 WEIGHTS, VOCAB_MAP, META = "model.safetensors", "vocab_map.safetensors", "kdops.json"
@@ -84,9 +85,10 @@ class LMStudent(nn.Module):
     """A causal LM over a (possibly trimmed) vocabulary that scores and generates in full-vocabulary ids."""
 
     def __init__(self, model: nn.Module, full_vocab_size: int, keep_ids: torch.Tensor | None = None,
-                 tail_logprob: torch.Tensor | None = None):
+                 tail_logprob: torch.Tensor | None = None, head: TailHead | None = None):
         super().__init__()
         self.model = model
+        self.head: TailHead | None = None
         self.full_vocab_size = int(full_vocab_size)
         if keep_ids is None:
             self.register_buffer("keep_ids", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -103,6 +105,13 @@ class LMStudent(nn.Module):
             if tail.shape != (full_vocab_size,):
                 raise ValueError(f"tail_logprob must have shape ({full_vocab_size},); got {tuple(tail.shape)}.")
             self.register_buffer("tail_logprob", tail, persistent=False)
+            dropped = torch.ones(full_vocab_size, dtype=torch.bool)
+            dropped[keep_ids] = False
+            to_dropped = torch.full((full_vocab_size,), -1, dtype=torch.long)  # full id -> index among dropped ids
+            to_dropped[dropped] = torch.arange(int(dropped.sum()))
+            self.register_buffer("to_dropped", to_dropped, persistent=False)
+            if head is not None:
+                self.set_head(head)
 
     @property
     def trimmed(self) -> bool:
@@ -117,9 +126,20 @@ class LMStudent(nn.Module):
         return self.model.config
 
     def num_parameters(self) -> int:
-        """The model's parameters plus, when trimmed, the tail's entries (one per dropped id)."""
+        """The model's parameters plus, when trimmed, the tail's entries (one per dropped id) and the head's."""
         tail = self.full_vocab_size - int(self.keep_ids.numel()) if self.trimmed else 0
-        return sum(p.numel() for p in self.model.parameters()) + tail
+        head = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
+        return sum(p.numel() for p in self.model.parameters()) + tail + head
+
+    def set_head(self, head: TailHead | None) -> None:
+        """Install a fitted context tail (kdops.lm.tail.fit_tail_head), or remove it with None."""
+        if head is not None:
+            n_dropped = self.full_vocab_size - int(self.keep_ids.numel())
+            if not self.trimmed or head.rows.shape[0] != n_dropped or head.proj.shape[1] != self.model.config.hidden_size:
+                raise ValueError(f"a tail head needs a trimmed student with {n_dropped} dropped ids and hidden size "
+                                 f"{self.model.config.hidden_size}; got rows {tuple(head.rows.shape)}, proj {tuple(head.proj.shape)}.")
+            head = head.to(self.tail_logprob.device).requires_grad_(False)  # fitted apart, never by distillation
+        self.head = head
 
     def set_tail(self, logprob: torch.Tensor) -> None:
         """Install a fitted dropped-id distribution (kdops.lm.tail.fit_tail)."""
@@ -137,14 +157,38 @@ class LMStudent(nn.Module):
         """Logits (B, T, V_student) for full-vocabulary ``input_ids`` (B, T)."""
         return self.model(input_ids=self.map_ids(input_ids), attention_mask=attention_mask, use_cache=False).logits
 
-    def full_logprobs(self, logits: torch.Tensor, full_ids: torch.Tensor) -> torch.Tensor:
-        """log p(full_ids) under the student, over the full vocabulary: (B, T, V_s), (B, T[, K]) -> (B, T[, K])."""
-        lp = torch.log_softmax(logits.float(), dim=-1)
+    def next_token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(input_ids[:, 1:]) (B, T-1) over the full vocabulary, the context tail included when fitted."""
+        out = self.model(input_ids=self.map_ids(input_ids), attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=self.head is not None)
+        hidden = out.hidden_states[-1][:, :-1] if self.head is not None else None  # the final-normed state
+        return self.full_logprobs(out.logits[:, :-1], input_ids[:, 1:], hidden=hidden)
+
+    def full_logprobs(self, logits: torch.Tensor, full_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(full_ids) under the student, over the full vocabulary: (B, T, V_s), (B, T[, K]) -> (B, T[, K]).
+        With the last hidden state (B, T, H) and a fitted head, ``<other>``'s share and its spread over the
+        dropped ids depend on the context (``TailHead``); otherwise the context-free tail spreads it."""
+        logits = logits.float()
+        use_head = self.head is not None and hidden is not None
+        if use_head:
+            o = self.other_id
+            logits = torch.cat([logits[..., :o], logits[..., o:] + self.head.shift(hidden)[..., None]], -1)
+        lp = torch.log_softmax(logits, dim=-1)
         squeeze = full_ids.dim() == lp.dim() - 1
         idx = full_ids.unsqueeze(-1) if squeeze else full_ids
         out = lp.gather(-1, self.map_ids(idx))
-        if self.trimmed:  # <other>'s mass is spread over the dropped ids by the tail (uniform by default)
-            out = out + self.tail_logprob[idx] * (self.map_ids(idx) == self.other_id)
+        if self.trimmed:  # <other>'s mass is spread over the dropped ids by the tail
+            is_dropped = self.map_ids(idx) == self.other_id
+            if use_head:  # the dropped-id softmax only where some asked id needs it
+                tail = torch.zeros_like(out)
+                at = is_dropped.any(-1)
+                if bool(at.any()):
+                    bias = self.tail_logprob[self.to_dropped >= 0]
+                    tl = torch.log_softmax(self.head.tail_logits(hidden[at], bias), -1)  # (N, D)
+                    tail[at] = tl.gather(-1, self.to_dropped[idx[at]].clamp(min=0))
+            else:
+                tail = self.tail_logprob[idx]
+            out = out + tail * is_dropped
         return out.squeeze(-1) if squeeze else out
 
     def top1_full(self, logits: torch.Tensor) -> torch.Tensor:
@@ -282,8 +326,9 @@ def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineag
         student.model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if student.trimmed:
+            head = student.head.state() if student.head is not None else {}
             save_file({"keep_ids": student.keep_ids.cpu().contiguous(),
-                       "tail_logprob": student.tail_logprob.cpu().contiguous()}, str(tmp / VOCAB_MAP))
+                       "tail_logprob": student.tail_logprob.cpu().contiguous(), **head}, str(tmp / VOCAB_MAP))
         meta = {
             "kind": "causal-lm",
             "full_vocab_size": student.full_vocab_size,
@@ -327,7 +372,7 @@ def load_lm_student(directory: str | Path, device: str | torch.device = "cpu", v
     if meta.get("trimmed_vocab") and keep is None:
         raise ArtifactError(f"{directory}/{VOCAB_MAP} holds no keep_ids.")
     try:
-        student = LMStudent(model, int(meta["full_vocab_size"]), keep, tail)
-    except ValueError as e:
+        student = LMStudent(model, int(meta["full_vocab_size"]), keep, tail, TailHead.from_state(vocab_map))
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a head whose tensors do not fit together
         raise ArtifactError(f"{directory}: unusable LM student ({e}).") from e
     return student.to(device).eval(), tokenizer, meta
