@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tail-rank", type=int, default=64,
                     help="Rank of the context tail (kdops.lm.tail.TailHead) fitted on held-out text; 0: context-free tail only.")
     ap.add_argument("--calibration-fraction", type=float, default=0.1,
-                    help="Share of the training sentences held out of distillation to fit the context tail on.")
+                    help="Share of the training sentences the context tail is fitted on.")
+    ap.add_argument("--calibration-holdout", action=argparse.BooleanOptionalAction, default=False,
+                    help="Hold those sentences out of distillation (and follow the student's perplexity on them).")
     # Trainable by default now that the vocabulary is trimmed (~23k rows). Untrimmed, the tied 49,152 x 576
     # embedding is 53% of a 7-layer student and its dense gradient + AdamW update made a CPU step ~5x slower.
     ap.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=False,
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(),
                           subdir("students") / "smollm2-movie-lm", cfg, shape, args.max_length, device=args.device,
                           lineage={"train_sentences": len(train)},
-                          tail=TailConfig(rank=args.tail_rank, calibration_fraction=args.calibration_fraction))
+                          tail=TailConfig(rank=args.tail_rank, calibration_fraction=args.calibration_fraction,
+                                          holdout=args.calibration_holdout))
     sdir, layers = round_.artifact, round_.info["layers"]
     report = evaluate_lm(sdir, teacher, {"movie": test["text"].tolist()}, args.max_length, speed=True,
                          eval_cfg=LMEvalConfig(threads=args.speed_threads), device=args.device)

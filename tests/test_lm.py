@@ -147,9 +147,14 @@ def test_token_kd_round_moves_student_towards_teacher(tmp_path, mode, residual):
     # mass): at 3e-3 the residual loss fell 20x while the full KL ended above where it began; at 1e-3 it fell 2.3x
     cfg = LMDistillConfig(steps=60, batch_size=8, lr=1e-3 if residual else 3e-3, alpha=0.0, kd_mode=mode, topk=20,
                           seed=1, kd_residual=residual)
-    out = distill_round(student, teacher, LMSoftLabelCache(tmp_path / "c.sqlite"), seqs, cfg, progress=False)
+    held = sequences(6, seed=9)
+    out = distill_round(student, teacher, LMSoftLabelCache(tmp_path / "c.sqlite"), seqs, cfg, progress=False,
+                        heldout=held, heldout_every=25)
     after, agree_after = _kd_gap(teacher_model, student, seqs), top1_agreement(teacher_model, student, seqs)
     assert after < 0.7 * before and agree_after >= agree_before
+    curve = out["heldout_curve"]  # measured along the way on text it does not train on, and at the end
+    assert [c["step"] for c in curve] == [25, 50, 60]
+    assert curve[-1]["ppl"] == pytest.approx(perplexity(student, held)["ppl"], rel=1e-3)
     assert out["history"][-1]["kd"] < out["history"][0]["kd"]
     assert out["cache"]["misses"] == 32
 
@@ -447,3 +452,28 @@ def test_context_tail_head_calibrates_other_and_travels_with_the_artifact(tmp_pa
         load_lm_student(d, verify=False)
     with pytest.raises(ValueError, match="trimmed"):
         fit_tail_head(prune_layers(teacher, [0]), teacher, cal, pad_id=0)
+
+
+@pytest.mark.parametrize("holdout", [False, True])
+def test_lm_round_fits_the_context_tail_on_a_share_of_its_text(tmp_path, tiny_lm_tokenizer, holdout):
+    from kdops.lm.rounds import LMShape, run_lm_round
+    from kdops.lm.tail import TailConfig
+    from tests.conftest import WORDS, make_tiny_lm
+
+    d = tmp_path / "teacher"
+    make_tiny_lm(len(tiny_lm_tokenizer), layers=3, seed=4).save_pretrained(str(d))
+    tiny_lm_tokenizer.save_pretrained(str(d))
+    teacher = HFCausalLMTeacher(d)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, 8)) for _ in range(60)]
+    cfg = LMDistillConfig(steps=8, batch_size=4, topk=8, lr=1e-3)
+    tail = TailConfig(rank=4, steps=50, batch_size=64, holdout=holdout)
+    res = run_lm_round(teacher, LMSoftLabelCache(tmp_path / "c.sqlite"), texts, tmp_path / "s", cfg,
+                       LMShape(layers=2, trim_vocab=0, vocab_share=0.5), max_length=16, progress=False, tail=tail)
+    student, _, meta = load_lm_student(res.artifact)
+    lin = meta["lineage"]
+    assert lin["calibration_sequences"] == 6 and lin["calibration_held_out"] is holdout
+    assert lin["sequences"] == (54 if holdout else 60)  # held out of distillation only when asked
+    assert lin["tail_head"]["rank"] == 4 and lin["tail_head"]["sentences"] == 6
+    assert (student.head is not None) == lin["tail_head"]["installed"]
+    assert [c["step"] for c in res.info["heldout_curve"]] == ([1, 2, 3, 4, 5, 6, 7, 8] if holdout else [])

@@ -89,8 +89,11 @@ def _topk_batch(student: LMStudent, rows: list[tuple], T: int, k: int, device) -
 
 def distill_round(student: LMStudent, teacher: LMTeacher, cache: LMSoftLabelCache, sequences: Sequence[Sequence[int]],
                   cfg: LMDistillConfig = LMDistillConfig(), replay: Sequence[Sequence[int]] = (), pad_id: int = 0,
-                  device: str = "cpu", progress: bool = True) -> dict:
-    """Train ``student`` in place on ``sequences`` (+ replay); returns the round's history and cache stats."""
+                  device: str = "cpu", progress: bool = True, heldout: Sequence[Sequence[int]] = (),
+                  heldout_every: int = 0) -> dict:
+    """Train ``student`` in place on ``sequences`` (+ replay); returns the round's history and cache stats.
+    With ``heldout`` sequences and ``heldout_every`` > 0, the student's perplexity on them is measured every
+    that many steps and at the end (``heldout_curve``): whether more steps would still help, or already hurt."""
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     new, old = [list(s) for s in sequences if len(s) > 1], [list(s) for s in replay if len(s) > 1]
@@ -115,6 +118,15 @@ def distill_round(student: LMStudent, teacher: LMTeacher, cache: LMSoftLabelCach
         "cpu", enabled=False)
     n_old = int(round(cfg.replay_fraction * cfg.batch_size)) if old else 0
     history, bar = [], tqdm(range(cfg.steps), desc="distil LM", unit="step", disable=not progress)
+    curve: list[dict] = []
+
+    def measure(step: int) -> None:
+        from kdops.lm.evaluate import perplexity
+
+        student.eval()
+        curve.append({"step": step, "ppl": round(perplexity(student, heldout, pad_id)["ppl"], 3)})
+        student.train()
+
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
@@ -155,10 +167,13 @@ def distill_round(student: LMStudent, teacher: LMTeacher, cache: LMSoftLabelCach
         opt.zero_grad(set_to_none=True)
         history.append({"step": step, **{k: round(v, 5) for k, v in totals.items()}})
         bar.set_postfix(ce=f"{totals['ce']:.3f}", kd=f"{totals['kd']:.3f}")
+        if heldout and heldout_every > 0 and ((step + 1) % heldout_every == 0 or step + 1 == cfg.steps):
+            measure(step + 1)
     student.eval()
     return {"config": asdict(cfg), "history": history, "teacher_seconds": round(teacher_seconds, 2),
             "train_seconds": round(time.perf_counter() - t0 - teacher_seconds, 2), "cache": cache.stats.to_dict(),
-            "generation_cache": cache.gen_stats.to_dict(), "sequences": len(new), "replay_pool": len(old)}
+            "generation_cache": cache.gen_stats.to_dict(), "sequences": len(new), "replay_pool": len(old),
+            "heldout_curve": curve}
 
 
 def replay_sample(earlier: Sequence[Sequence[int]], n: int, seed: int = 13) -> list[list[int]]:

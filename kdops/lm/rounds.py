@@ -3,8 +3,9 @@
 ``run_lm_round``: carve a student from the teacher (first round) or continue the champion (later rounds),
 distil it on the new texts plus a replay sample of earlier ones (their teacher top-k are cache hits), fit a
 trimmed student's tail (context-free on the training text; the context head, kdops.lm.tail.TailHead, on a
-share of the round's text held out of distillation), and save it with lineage. ``evaluate_lm``: perplexity per domain for teacher and student, top-1 agreement and,
-optionally, generation speed and peak memory; returns an ``LMReport`` whose summary the LM gate reads.
+seeded share of the round's sentences against the teacher's full distributions), and save it with lineage.
+``evaluate_lm``: perplexity per domain for teacher and student, top-1 agreement and, optionally, generation
+speed and peak memory; returns an ``LMReport`` whose summary the LM gate reads.
 """
 
 from __future__ import annotations
@@ -64,14 +65,16 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
         student, _, meta = load_lm_student(champion_dir, device=device)
         layers = meta.get("lineage", {}).get("layers")
     trimmed = student.trimmed if student is not None else shape.trim_vocab is not None
-    # The context head is fitted on text the student never trained on, as served prompts will be: a seeded
-    # share of this round's sentences is held out of distillation (and out of the kept vocabulary).
+    # The context head is fitted on a seeded share of this round's sentences; with tail.holdout they are also
+    # held out of distillation (and out of the kept vocabulary), and the student's perplexity on them is
+    # followed during training.
     calibration: list[list[int]] = []
     n_cal = min(tail.calibration_max, int(round(tail.calibration_fraction * len(seqs))))
     if trimmed and tail.rank > 0 and n_cal >= 2 and len(seqs) - n_cal >= 2 and hasattr(teacher, "model"):
         held = set(random.Random(cfg.seed + 1).sample(range(len(seqs)), n_cal))
         calibration = [s for i, s in enumerate(seqs) if i in held]
-        seqs = [s for i, s in enumerate(seqs) if i not in held]
+        if tail.holdout:
+            seqs = [s for i, s in enumerate(seqs) if i not in held]
     if student is None:
         keep = None
         if shape.trim_vocab is not None:
@@ -89,7 +92,8 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
     n_replay = int(round(len(seqs) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))) if replay_texts else 0
     replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []
     res = distill_round(student, teacher, cache, seqs, cfg, replay=replay, pad_id=teacher.pad_id, device=device,
-                        progress=progress)
+                        progress=progress, heldout=calibration if tail.holdout else (),
+                        heldout_every=max(1, cfg.steps // 8))
     tail_info, head_info = None, None
     if student.trimmed:  # <other>'s spread over the dropped ids, from this round's text and cached teacher top-k
         student.set_head(None)  # a champion's head was fitted to the champion's hidden states
@@ -108,7 +112,8 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
     lin = {"teacher_id": teacher.id, "layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
            "parent_artifact": str(champion_dir) if champion_dir else None, "distill": res["config"],
            "sequences": len(seqs), "replay": len(replay), "max_length": max_length, "tail": tail_info,
-           "tail_head": head_info, "calibration_sequences": len(calibration), **(lineage or {})}
+           "tail_head": head_info, "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,
+           **(lineage or {})}
     out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin)
     info = {k: v for k, v in res.items() if k != "history"}
     info.update(layers=layers, tail=tail_info, tail_head=head_info, calibration_sequences=len(calibration),
