@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = LMDistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                           kd_mode=args.kd_mode, topk=args.topk, kd_residual=args.kd_residual,
                           seq_kd_weight=args.seq_kd_weight, seed=args.seed, freeze_embeddings=args.freeze_embeddings)
-    shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab, vocab_share=args.vocab_share)
+    shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab, vocab_share=args.vocab_share,
+                    tail_rank=args.tail_rank)
     # The same round and evaluation the LM flow runs (kdops.lm.rounds); only the data choice is the bench's.
     round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(),
                           subdir("students") / "smollm2-movie-lm", cfg, shape, args.max_length, device=args.device,

@@ -242,7 +242,9 @@ def test_lm_shape_validation():
         LMShape(vocab_share=0.0)
     with pytest.raises(ValueError, match="strategy"):
         LMShape(strategy="random")
-    assert LMShape().strategy == "influence"
+    with pytest.raises(ValueError, match="tail_rank"):
+        LMShape(tail_rank=-1)
+    assert LMShape().strategy == "influence" and LMShape().tail_rank == 64
 
 
 def test_config_validation():
@@ -467,9 +469,10 @@ def test_lm_round_fits_the_context_tail_on_a_share_of_its_text(tmp_path, tiny_lm
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, 8)) for _ in range(60)]
     cfg = LMDistillConfig(steps=8, batch_size=4, topk=8, lr=1e-3)
-    tail = TailConfig(rank=4, steps=50, batch_size=64, holdout=holdout)
+    tail = TailConfig(rank=4, steps=50, batch_size=64, holdout=holdout) if holdout else None  # None: the shape's rank
     res = run_lm_round(teacher, LMSoftLabelCache(tmp_path / "c.sqlite"), texts, tmp_path / "s", cfg,
-                       LMShape(layers=2, trim_vocab=0, vocab_share=0.5), max_length=16, progress=False, tail=tail)
+                       LMShape(layers=2, trim_vocab=0, vocab_share=0.5, tail_rank=4), max_length=16, progress=False,
+                       tail=tail)
     student, _, meta = load_lm_student(res.artifact)
     lin = meta["lineage"]
     assert lin["calibration_sequences"] == 6 and lin["calibration_held_out"] is holdout

@@ -35,12 +35,13 @@ class LMShape:
     strategy: str = field(default="influence", metadata={"help": "Which layers: influence (the most influential on the round's text, kdops.lm.student.layer_influence), first_last, first or even."})
     trim_vocab: int | None = field(default=8192, metadata={"help": "Keep the ids seen in the first round's text plus the first N ids (None: full vocabulary)."})
     vocab_share: float = field(default=0.8, metadata={"help": "Share of the first round's text whose ids are kept; ids only in the rest train <other>."})
+    tail_rank: int = field(default=64, metadata={"help": "A trimmed student's context tail (kdops.lm.tail.TailHead), refitted every round: rank of its dropped-id softmax (0: context-free tail only)."})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.vocab_share <= 1.0:
             raise ValueError("vocab_share must be in (0, 1].")
-        if self.layers < 1 or (self.trim_vocab is not None and self.trim_vocab < 0):
-            raise ValueError("layers must be >= 1 and trim_vocab >= 0 (or None).")
+        if self.layers < 1 or (self.trim_vocab is not None and self.trim_vocab < 0) or self.tail_rank < 0:
+            raise ValueError("layers must be >= 1, trim_vocab >= 0 (or None) and tail_rank >= 0.")
         if self.strategy not in ("influence", "first_last", "first", "even"):
             raise ValueError(f"strategy must be influence, first_last, first or even; got {self.strategy!r}.")
 
@@ -56,9 +57,11 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
                  cfg: LMDistillConfig = LMDistillConfig(), shape: LMShape = LMShape(), max_length: int = 48,
                  champion_dir: str | Path | None = None, replay_texts: Sequence[str] = (),
                  lineage: Mapping | None = None, device: str = "cpu", progress: bool = True,
-                 tail: TailConfig = TailConfig()) -> LMRoundResult:
-    """Distil one round into ``out_dir`` (written atomically) and return where it went."""
+                 tail: TailConfig | None = None) -> LMRoundResult:
+    """Distil one round into ``out_dir`` (written atomically) and return where it went. ``tail``: how the context
+    tail is fitted (default: ``TailConfig(rank=shape.tail_rank)``)."""
     t0 = time.perf_counter()
+    tail = tail if tail is not None else TailConfig(rank=shape.tail_rank)
     seqs = teacher.encode(list(texts), max_length)
     student = None
     if champion_dir is not None:
