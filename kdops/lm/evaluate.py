@@ -168,6 +168,12 @@ def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_t
                                           do_sample=False, pad_token_id=0, **extra)
     with torch.inference_mode():
         gen(prompts[0])  # warm-up: first-call allocations and lazy initialisation are not speed
+        # Memory is sampled over loading and the warm-up (a full generation of the same size as the timed ones);
+        # the timed loop runs without the sampler thread, whose 5 ms psutil polls compete with generate's Python
+        # loop for the GIL.
+        stop.set()
+        sampler.join()
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else max(peak[0], _rss_mb()) - base
         rates, new, seconds = [], 0, 0.0
         for p in prompts:
             t0 = time.perf_counter()
@@ -175,9 +181,6 @@ def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_t
             dt = time.perf_counter() - t0
             rates.append(n / dt)
             new, seconds = new + n, seconds + dt
-    stop.set()
-    sampler.join()
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else max(peak[0], _rss_mb()) - base
     # The median per-prompt rate is the headline: on a shared machine a burst of other load hits a few prompts,
     # and a median ignores them where a total would not; the mean rate is kept alongside.
     return {"tokens_per_s": float(np.median(rates)), "tokens_per_s_mean": new / seconds, "new_tokens": new, "seconds": seconds, "peak_mem_mb": peak_mb,
