@@ -9,7 +9,10 @@ Speed and memory are measured in a fresh subprocess per model (``measure_generat
 peak RSS of loading the model and generating, minus the RSS of the same process before loading (so the
 imported libraries do not count); on GPU it is ``torch.cuda.max_memory_allocated``. Generation is greedy,
 batch 1, a fixed number of new tokens (``min_new_tokens = max_new_tokens``) so both models do equal work;
-tokens/s is the median over prompts.
+tokens/s is the median over prompts. Each model is measured ``speed_repeats`` times, teacher and student
+alternating, and its fastest run counts (as timeit takes the fastest): on a shared 2-core machine a burst of
+other load slows a run, never speeds one up, and one run's student speed on the same model varied from 37 to 44
+tokens/s (/tmp probe). Every run's figure is kept.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ class LMEvalConfig:
     gen_prompt_tokens: int = field(default=8, metadata={"help": "Prompt length in tokens (start token included)."})
     max_new_tokens: int = field(default=48, metadata={"help": "New tokens per prompt in the speed test."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads in the speed subprocess (same for both)."})
+    speed_repeats: int = field(default=2, metadata={"help": "Speed runs per model, teacher and student alternating; the fastest counts."})
 
     def __post_init__(self) -> None:
-        if min(self.batch_size, self.gen_prompts, self.gen_prompt_tokens, self.max_new_tokens, self.threads) < 1:
+        if min(self.batch_size, self.gen_prompts, self.gen_prompt_tokens, self.max_new_tokens, self.threads,
+               self.speed_repeats) < 1:
             raise ValueError("all LMEvalConfig fields must be positive.")
 
 
