@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     # against 3.7 s with one (measured under load ~6); raise it on a machine of your own.
     ap.add_argument("--threads", type=int, default=1, help="torch threads for scoring and training.")
     ap.add_argument("--speed-threads", type=int, default=1, help="torch threads in the speed subprocesses.")
+    ap.add_argument("--student-dir", default=None,
+                    help="Where the student goes (default: <KDOPS_HOME>/students/smollm2-movie-lm-<--out's file stem>, "
+                         "so one run does not overwrite another's student).")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=13)
     args = ap.parse_args(argv)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
                     tail_rank=args.tail_rank)
     # The same round and evaluation the LM flow runs (kdops.lm.rounds); only the data choice is the bench's.
     round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(),
-                          subdir("students") / "smollm2-movie-lm", cfg, shape, args.max_length, device=args.device,
+                          Path(args.student_dir) if args.student_dir else subdir("students") / f"smollm2-movie-lm-{Path(args.out).stem}",
+                          cfg, shape, args.max_length, device=args.device,
                           lineage={"train_sentences": len(train)},
                           tail=TailConfig(rank=args.tail_rank, calibration_fraction=args.calibration_fraction,
                                           holdout=args.calibration_holdout))

@@ -51,7 +51,10 @@ def spell(tok, kept_strings: dict[str, int], longest: int, token_id: int) -> lis
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Where to write the JSON report.")
-    ap.add_argument("--student", default=None, help="Trimmed LM student dir (default: bench/lm.py's output).")
+    ap.add_argument("--student", default=None,
+                    help="Trimmed LM student dir: a bench/lm.py JSON's student_dir (default: the directory bench/lm.py "
+                         "wrote before it named students after their run). A fitted TailHead is ignored: every row "
+                         "scores the student's context-free part.")
     ap.add_argument("--eval-sentences", type=int, default=100, help="Held-out movie test sentences (bench/lm.py's).")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--ranks", type=int, nargs="*", default=[16, 32, 64, 128])
