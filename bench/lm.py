@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab, vocab_share=args.vocab_share,
                     tail_rank=args.tail_rank)
     # The same round and evaluation the LM flow runs (kdops.lm.rounds); only the data choice is the bench's.
-    round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(),
-                          Path(args.student_dir) if args.student_dir else subdir("students") / f"smollm2-movie-lm-{Path(args.out).stem}",
+    out_dir = Path(args.student_dir) if args.student_dir else subdir("students") / f"smollm2-movie-lm-{Path(args.out).stem}"
+    round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(), out_dir,
                           cfg, shape, args.max_length, device=args.device,
                           lineage={"train_sentences": len(train)},
                           tail=TailConfig(rank=args.tail_rank, calibration_fraction=args.calibration_fraction,
