@@ -480,13 +480,16 @@ def test_lm_round_fits_the_context_tail_on_a_share_of_its_text(tmp_path, tiny_lm
     assert lin["tail_head"]["rank"] == 4 and lin["tail_head"]["sentences"] == 6
     assert (student.head is not None) == lin["tail_head"]["installed"]
     assert [c["step"] for c in res.info["heldout_curve"]] == ([1, 2, 3, 4, 5, 6, 7, 8] if holdout else [])
-    if not holdout:  # speed: each model measured twice in fresh processes, alternating; the fastest run counts
+    if not holdout:  # speed: memory per model in its own process; tokens/s from both in one, prompt by prompt
         from kdops.lm.evaluate import LMEvalConfig
         from kdops.lm.rounds import evaluate_lm
 
         rep = evaluate_lm(res.artifact, teacher, {"a": texts[:4]}, 16, speed=True,
-                          eval_cfg=LMEvalConfig(gen_prompts=2, gen_prompt_tokens=3, max_new_tokens=4, speed_repeats=2))
+                          eval_cfg=LMEvalConfig(gen_prompts=2, gen_prompt_tokens=3, max_new_tokens=4, speed_rounds=3))
         for side in (rep.teacher, rep.student):
-            assert len(side["tokens_per_s_runs"]) == 2 and side["tokens_per_s"] == max(side["tokens_per_s_runs"]) > 0
-            assert side["new_tokens"] == 2 * 4 and side["peak_mem_mb"] > 0
+            assert len(side["tokens_per_s_paired"]) == 3 * 2  # rounds x prompts
+            assert side["tokens_per_s"] == float(np.median(side["tokens_per_s_paired"])) > 0
+            assert side["tokens_per_s_alone"] > 0 and side["new_tokens"] == 2 * 4 and side["peak_mem_mb"] > 0
+        pairs = [s / t for s, t in zip(rep.student["tokens_per_s_paired"], rep.teacher["tokens_per_s_paired"])]
+        assert rep.student["speedup_median_of_pairs"] == pytest.approx(float(np.median(pairs)))
         assert rep.student["params"] == student.num_parameters()

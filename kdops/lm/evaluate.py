@@ -5,14 +5,17 @@ of per-sentence perplexities), each sequence starting with the model's start tok
 student is scored over the full vocabulary (see ``kdops.lm.student``), so teacher and student numbers
 compare directly.
 
-Speed and memory are measured in a fresh subprocess per model (``measure_generation``): peak memory is the
-peak RSS of loading the model and generating, minus the RSS of the same process before loading (so the
-imported libraries do not count); on GPU it is ``torch.cuda.max_memory_allocated``. Generation is greedy,
-batch 1, a fixed number of new tokens (``min_new_tokens = max_new_tokens``) so both models do equal work;
-tokens/s is the median over prompts. Each model is measured ``speed_repeats`` times, teacher and student
-alternating, and its fastest run counts (as timeit takes the fastest): on a shared 2-core machine a burst of
-other load slows a run, never speeds one up, and one run's student speed on the same model varied from 37 to 44
-tokens/s (/tmp probe). Every run's figure is kept.
+Speed and memory: peak memory is measured in a fresh subprocess per model (``measure_generation``): the peak
+RSS of loading the model and one generation, minus the RSS of the same process before loading (so the imported
+libraries do not count); on GPU it is ``torch.cuda.max_memory_allocated``. Generation is greedy, batch 1, a
+fixed number of new tokens (``min_new_tokens = max_new_tokens``) so both models do equal work.
+The reported tokens/s come from a paired measurement (``measure_generation_paired``): both models loaded in one
+fresh process, teacher and student generating prompt by prompt in alternation (who goes first alternates
+too), ``speed_rounds`` passes over the prompts; each model's figure is the median of its per-prompt rates.
+On this shared 2-core machine the same model's speed moved by up to 30 % between runs minutes apart (the
+teacher measured 13.4-18.0 tokens/s across bench runs): measured in separate runs, that drift lands on one
+model and not the other; paired prompt by prompt, it lands on both. Each model's rate measured alone (in its
+memory subprocess) is kept as ``tokens_per_s_alone``.
 """
 
 from __future__ import annotations
@@ -39,11 +42,11 @@ class LMEvalConfig:
     gen_prompt_tokens: int = field(default=8, metadata={"help": "Prompt length in tokens (start token included)."})
     max_new_tokens: int = field(default=48, metadata={"help": "New tokens per prompt in the speed test."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads in the speed subprocess (same for both)."})
-    speed_repeats: int = field(default=2, metadata={"help": "Speed runs per model, teacher and student alternating; the fastest counts."})
+    speed_rounds: int = field(default=3, metadata={"help": "Passes over the prompts in the paired speed measurement (teacher and student alternate prompt by prompt)."})
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.gen_prompts, self.gen_prompt_tokens, self.max_new_tokens, self.threads,
-               self.speed_repeats) < 1:
+               self.speed_rounds) < 1:
             raise ValueError("all LMEvalConfig fields must be positive.")
 
 
@@ -134,15 +137,35 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _generator(kind: str, directory: str, device: str, max_new_tokens: int):
+    """``(generate, parameter count)`` for a teacher dir (``kind='teacher'``) or a kdops LM student dir:
+    ``generate(prompt ids)`` runs greedy decoding of exactly ``max_new_tokens`` and returns the ids (1, T)."""
+    from kdops.lm.student import load_lm_student
+    from kdops.lm.teacher import load_causal_lm
+
+    if kind == "teacher":
+        model, _ = load_causal_lm(directory, device)
+
+        def gen(p):
+            return model.generate(input_ids=torch.tensor([p], device=device), max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        return gen, sum(p.numel() for p in model.parameters())
+    student, _, _ = load_lm_student(directory, device)
+    extra = {"suppress_tokens": [student.other_id]} if student.trimmed else {}
+
+    def gen(p):
+        ids = student.map_ids(torch.tensor([p], device=device))
+        return student.model.generate(input_ids=ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=0, **extra)
+    return gen, student.num_parameters()
+
+
 def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_tokens: int, device: str, threads: int) -> dict:
     """Load a teacher dir (``kind='teacher'``) or a kdops LM student dir and time greedy generation."""
     import threading
 
     torch.set_num_threads(threads)
     import transformers  # noqa: F401  (imported before the baseline so the libraries do not count)
-
-    from kdops.lm.student import load_lm_student
-    from kdops.lm.teacher import load_causal_lm
 
     base, peak, stop = _rss_mb(), [0.0], threading.Event()
 
@@ -155,22 +178,7 @@ def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_t
     sampler.start()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    if kind == "teacher":
-        model, _ = load_causal_lm(directory, device)
-        params = sum(p.numel() for p in model.parameters())
-
-        def gen(p):
-            return model.generate(input_ids=torch.tensor([p], device=device), max_new_tokens=max_new_tokens,
-                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    else:
-        student, _, _ = load_lm_student(directory, device)
-        params = student.num_parameters()
-        extra = {"suppress_tokens": [student.other_id]} if student.trimmed else {}
-
-        def gen(p):
-            ids = student.map_ids(torch.tensor([p], device=device))
-            return student.model.generate(input_ids=ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                          do_sample=False, pad_token_id=0, **extra)
+    gen, params = _generator(kind, directory, device, max_new_tokens)
     with torch.inference_mode():
         gen(prompts[0])  # warm-up: first-call allocations and lazy initialisation are not speed
         # Memory is sampled over loading and the warm-up (a full generation of the same size as the timed ones);
@@ -192,16 +200,51 @@ def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_t
             "params": params, "device": device, "threads": threads}
 
 
+def _measure_paired(teacher_dir: str, student_dir: str, prompts: list[list[int]], max_new_tokens: int, device: str,
+                    threads: int, rounds: int) -> dict:
+    """Both models in this process, generating prompt by prompt in alternation; per model the median rate."""
+    torch.set_num_threads(threads)
+    gens = {kind: _generator(kind, d, device, max_new_tokens)[0] for kind, d in (("teacher", teacher_dir),
+                                                                                   ("student", student_dir))}
+    rates: dict[str, list[float]] = {"teacher": [], "student": []}
+    with torch.inference_mode():
+        for gen in gens.values():
+            gen(prompts[0])  # warm-up
+        for r in range(rounds):
+            for i, p in enumerate(prompts):
+                for kind in (("teacher", "student") if (r + i) % 2 == 0 else ("student", "teacher")):
+                    t0 = time.perf_counter()
+                    n = gens[kind](p).shape[1] - len(p)
+                    rates[kind].append(n / (time.perf_counter() - t0))
+    pair = [s / t for s, t in zip(rates["student"], rates["teacher"])]
+    return {kind: {"tokens_per_s": float(np.median(v)), "rates": v} for kind, v in rates.items()} | {
+        "speedup_median_of_pairs": float(np.median(pair)), "rounds": rounds, "prompts": len(prompts)}
+
+
 def measure_generation(kind: str, directory: str | Path, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        device: str = "cpu", threads: int = 1) -> dict:
     """Tokens/s and peak memory of one model, measured in a fresh Python process."""
-    args = json.dumps({"kind": kind, "directory": str(directory), "prompts": [list(map(int, p)) for p in prompts],
-                       "max_new_tokens": max_new_tokens, "device": device, "threads": threads})
-    proc = subprocess.run([sys.executable, "-m", "kdops.lm.evaluate"], input=args, capture_output=True, text=True,
-                          check=False)
+    return _run_measure({"mode": "alone", "kind": kind, "directory": str(directory),
+                         "prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": max_new_tokens,
+                         "device": device, "threads": threads}, str(directory))
+
+
+def _run_measure(req: dict, what: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "kdops.lm.evaluate"], input=json.dumps(req), capture_output=True,
+                          text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"speed measurement of {directory} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"speed measurement of {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_generation_paired(teacher_dir: str | Path, student_dir: str | Path, prompts: Sequence[Sequence[int]],
+                              max_new_tokens: int, device: str = "cpu", threads: int = 1, rounds: int = 3) -> dict:
+    """Tokens/s of teacher and student measured together in one fresh Python process, prompt by prompt in
+    alternation, so a slow phase of a shared machine slows both: ``{"teacher": {"tokens_per_s", "rates"},
+    "student": {...}, "speedup_median_of_pairs", ...}``."""
+    return _run_measure({"mode": "paired", "teacher_dir": str(teacher_dir), "student_dir": str(student_dir),
+                         "prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": max_new_tokens,
+                         "device": device, "threads": threads, "rounds": rounds}, f"{teacher_dir} and {student_dir}")
 
 
 @dataclass
@@ -233,7 +276,11 @@ class LMReport:
         return {**asdict(self), "summary": self.summary()}
 
 
-if __name__ == "__main__":  # the subprocess side of measure_generation
+if __name__ == "__main__":  # the subprocess side of measure_generation and measure_generation_paired
     req = json.loads(sys.stdin.read())
-    print(json.dumps(_measure_here(req["kind"], req["directory"], req["prompts"], req["max_new_tokens"],
-                                   req["device"], req["threads"])))
+    if req["mode"] == "paired":
+        print(json.dumps(_measure_paired(req["teacher_dir"], req["student_dir"], req["prompts"], req["max_new_tokens"],
+                                         req["device"], req["threads"], req["rounds"])))
+    else:
+        print(json.dumps(_measure_here(req["kind"], req["directory"], req["prompts"], req["max_new_tokens"],
+                                       req["device"], req["threads"])))

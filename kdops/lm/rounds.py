@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
-from kdops.lm.evaluate import (LMEvalConfig, LMReport, measure_generation, perplexity, scores_perplexity, teacher_scores,
-                               top1_agreement)
+from kdops.lm.evaluate import (LMEvalConfig, LMReport, measure_generation, measure_generation_paired, perplexity,
+                               scores_perplexity, teacher_scores, top1_agreement)
 from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, save_lm_student,
                                select_by_influence, select_layers)
 from kdops.lm.tail import TailConfig, fit_tail, fit_tail_head
@@ -159,15 +159,17 @@ def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_do
              "params": student.num_parameters()}
     if speed:
         prompts = [s[: eval_cfg.gen_prompt_tokens] for s in all_seqs[: eval_cfg.gen_prompts]]
-        runs: dict[str, list[dict]] = {"teacher": [], "student": []}
-        for _ in range(eval_cfg.speed_repeats):  # alternating, so a burst of other load cannot favour one model
-            for kind, where in (("teacher", teacher.directory), ("student", student_dir)):
-                runs[kind].append(measure_generation(kind, where, prompts, eval_cfg.max_new_tokens, device,
-                                                     eval_cfg.threads))
+        # Memory (and each model's speed alone) in one fresh process per model; the reported tokens/s from both
+        # models in one process, alternating prompt by prompt, so a slow phase of the machine slows both.
+        alone = {kind: measure_generation(kind, where, prompts, eval_cfg.max_new_tokens, device, eval_cfg.threads)
+                 for kind, where in (("teacher", teacher.directory), ("student", student_dir))}
+        paired = measure_generation_paired(teacher.directory, student_dir, prompts, eval_cfg.max_new_tokens, device,
+                                           eval_cfg.threads, eval_cfg.speed_rounds)
         for kind, into in (("teacher", t_all), ("student", s_all)):
-            into.update(max(runs[kind], key=lambda r: r["tokens_per_s"]))
-            into.update(tokens_per_s_runs=[r["tokens_per_s"] for r in runs[kind]],
-                        peak_mem_mb=max(r["peak_mem_mb"] for r in runs[kind]))
+            into.update(alone[kind])
+            into.update(tokens_per_s_alone=alone[kind]["tokens_per_s"], tokens_per_s=paired[kind]["tokens_per_s"],
+                        tokens_per_s_paired=paired[kind]["rates"])
+        s_all["speedup_median_of_pairs"] = paired["speedup_median_of_pairs"]
     agree = top1_agreement(teacher.model, student, all_seqs[:200], teacher.pad_id,
                            teacher_top1=[x[2] for x in all_scores[:200]])
     return LMReport(teacher=t_all, student=s_all, agreement_top1=agree,
