@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           calibration_max=args.calibration_max, holdout=args.calibration_holdout))
     sdir, layers = round_.artifact, round_.info["layers"]
     report = evaluate_lm(sdir, teacher, {"movie": test["text"].tolist()}, args.max_length, speed=True,
-                         eval_cfg=LMEvalConfig(threads=args.speed_threads, speed_rounds=args.speed_rounds), device=args.device)
+                         eval_cfg=LMEvalConfig(threads=args.speed_threads, speed_rounds=args.speed_rounds),
+                         device=args.device)
     summary = report.summary()
     summary["targets_met"] = {"params<=0.40": summary["param_ratio"] <= 0.40, "ppl_ratio<=1.15": summary["ppl_ratio"] <= 1.15,
                               "speedup>=2.5": summary["speedup"] >= 2.5}

@@ -9,8 +9,8 @@ Speed and memory: peak memory is measured in a fresh subprocess per model (``mea
 RSS of loading the model and one generation, minus the RSS of the same process before loading (so the imported
 libraries do not count); on GPU it is ``torch.cuda.max_memory_allocated``. Generation is greedy, batch 1, a
 fixed number of new tokens (``min_new_tokens = max_new_tokens``) so both models do equal work.
-The reported tokens/s come from a paired measurement (``measure_generation_paired``): both models loaded in one
-fresh process, teacher and student generating prompt by prompt in alternation (who goes first alternates
+The reported tokens/s come from a paired measurement (``measure_generation_paired``): both models loaded
+in one fresh process, teacher and student generating prompt by prompt in alternation (who goes first alternates
 too), ``speed_rounds`` passes over the prompts; each model's figure is the median of its per-prompt rates.
 On this shared 2-core machine the same model's speed moved by up to 30 % between runs minutes apart (the
 teacher measured 13.4-18.0 tokens/s across bench runs): measured in separate runs, that drift lands on one
