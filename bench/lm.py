@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="Trimmed vocabulary: keep the ids of this share of the training text (the rest trains <other>).")
     ap.add_argument("--train-sentences", type=int, default=8029, help="Movie train sentences (seeded sample; 8029 = all).")
     ap.add_argument("--eval-sentences", type=int, default=100, help="Held-out movie test sentences.")
+    ap.add_argument("--monitor-sentences", type=int, default=200,
+                    help="The movie test sentences after the scored ones whose perplexity is followed during training "
+                         "(the JSON's round.heldout_curve; not trained on, not scored, not used for any choice).")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=6e-4)
@@ -87,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = HFCausalLMTeacher(tdir, device=args.device)
     train = corpora.load("sentiment", split="train", domains=("movie",)).rows.sample(
         n=args.train_sentences, random_state=args.seed)
-    test = corpora.load("sentiment", split="test", domains=("movie",)).rows.head(args.eval_sentences)
+    test_all = corpora.load("sentiment", split="test", domains=("movie",)).rows
+    test = test_all.head(args.eval_sentences)
+    monitor = test_all.iloc[args.eval_sentences:args.eval_sentences + args.monitor_sentences]
     cfg = LMDistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                           kd_mode=args.kd_mode, topk=args.topk, kd_residual=args.kd_residual,
                           seq_kd_weight=args.seq_kd_weight, seed=args.seed, freeze_embeddings=args.freeze_embeddings)
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
                           cfg, shape, args.max_length, device=args.device,
                           lineage={"train_sentences": len(train)},
                           tail=TailConfig(rank=args.tail_rank, calibration_fraction=args.calibration_fraction,
-                                          calibration_max=args.calibration_max, holdout=args.calibration_holdout))
+                                          calibration_max=args.calibration_max, holdout=args.calibration_holdout),
+                          monitor_texts=monitor["text"].tolist())
     sdir, layers = round_.artifact, round_.info["layers"]
     report = evaluate_lm(sdir, teacher, {"movie": test["text"].tolist()}, args.max_length, speed=True,
                          eval_cfg=LMEvalConfig(threads=args.speed_threads, speed_rounds=args.speed_rounds),

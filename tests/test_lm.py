@@ -472,14 +472,16 @@ def test_lm_round_fits_the_context_tail_on_a_share_of_its_text(tmp_path, tiny_lm
     tail = TailConfig(rank=4, steps=50, batch_size=64, holdout=holdout) if holdout else None  # None: the shape's rank
     res = run_lm_round(teacher, LMSoftLabelCache(tmp_path / "c.sqlite"), texts, tmp_path / "s", cfg,
                        LMShape(layers=2, trim_vocab=0, vocab_share=0.5, tail_rank=4), max_length=16, progress=False,
-                       tail=tail)
+                       tail=tail, monitor_texts=() if holdout else texts[:3])
     student, _, meta = load_lm_student(res.artifact)
     lin = meta["lineage"]
     assert lin["calibration_sequences"] == 6 and lin["calibration_held_out"] is holdout
     assert lin["sequences"] == (54 if holdout else 60)  # held out of distillation only when asked
     assert lin["tail_head"]["rank"] == 4 and lin["tail_head"]["sentences"] == 6
     assert (student.head is not None) == lin["tail_head"]["installed"]
-    assert [c["step"] for c in res.info["heldout_curve"]] == ([1, 2, 3, 4, 5, 6, 7, 8] if holdout else [])
+    # followed during training: the held-out calibration sentences, or the monitor texts
+    assert [c["step"] for c in res.info["heldout_curve"]] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert lin["monitor_sequences"] == (0 if holdout else 3)
     if not holdout:  # speed: memory per model in its own process; tokens/s from both in one, prompt by prompt
         from kdops.lm.evaluate import LMEvalConfig
         from kdops.lm.rounds import evaluate_lm

@@ -57,9 +57,10 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
                  cfg: LMDistillConfig = LMDistillConfig(), shape: LMShape = LMShape(), max_length: int = 48,
                  champion_dir: str | Path | None = None, replay_texts: Sequence[str] = (),
                  lineage: Mapping | None = None, device: str = "cpu", progress: bool = True,
-                 tail: TailConfig | None = None) -> LMRoundResult:
+                 tail: TailConfig | None = None, monitor_texts: Sequence[str] = ()) -> LMRoundResult:
     """Distil one round into ``out_dir`` (written atomically) and return where it went. ``tail``: how the context
-    tail is fitted (default: ``TailConfig(rank=shape.tail_rank)``)."""
+    tail is fitted (default: ``TailConfig(rank=shape.tail_rank)``). ``monitor_texts``: held-out texts (never
+    trained on) whose perplexity is followed during distillation (``info["heldout_curve"]``)."""
     t0 = time.perf_counter()
     tail = tail if tail is not None else TailConfig(rank=shape.tail_rank)
     seqs = teacher.encode(list(texts), max_length)
@@ -94,9 +95,10 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
         student = prune_layers(teacher.model, layers, keep)
     n_replay = int(round(len(seqs) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))) if replay_texts else 0
     replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []
+    monitor = teacher.encode(list(monitor_texts), max_length) if monitor_texts else []
+    heldout = (calibration if tail.holdout else []) + monitor
     res = distill_round(student, teacher, cache, seqs, cfg, replay=replay, pad_id=teacher.pad_id, device=device,
-                        progress=progress, heldout=calibration if tail.holdout else (),
-                        heldout_every=max(1, cfg.steps // 8))
+                        progress=progress, heldout=heldout, heldout_every=max(1, cfg.steps // 8))
     tail_info, head_info = None, None
     if student.trimmed:  # <other>'s spread over the dropped ids, from this round's text and cached teacher top-k
         student.set_head(None)  # a champion's head was fitted to the champion's hidden states
@@ -116,6 +118,7 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
            "parent_artifact": str(champion_dir) if champion_dir else None, "distill": res["config"],
            "sequences": len(seqs), "replay": len(replay), "max_length": max_length, "tail": tail_info,
            "tail_head": head_info, "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,
+           "monitor_sequences": len(monitor_texts),
            **(lineage or {})}
     out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin)
     info = {k: v for k, v in res.items() if k != "history"}
