@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="Share of the training sentences the context tail is fitted on.")
     ap.add_argument("--calibration-max", type=int, default=1000,
                     help="At most this many sentences for the context tail.")
+    ap.add_argument("--tail-steps", type=int, default=600, help="Adam steps fitting the context tail (TailConfig.steps).")
     ap.add_argument("--calibration-holdout", action=argparse.BooleanOptionalAction, default=False,
                     help="Hold those sentences out of distillation (and follow the student's perplexity on them).")
     # Trainable by default now that the vocabulary is trimmed (~23k rows). Untrimmed, the tied 49,152 x 576
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
                           cfg, shape, args.max_length, device=args.device,
                           lineage={"train_sentences": len(train)},
                           tail=TailConfig(rank=args.tail_rank, calibration_fraction=args.calibration_fraction,
-                                          calibration_max=args.calibration_max, holdout=args.calibration_holdout),
+                                          calibration_max=args.calibration_max, holdout=args.calibration_holdout,
+                                          steps=args.tail_steps),
                           monitor_texts=monitor["text"].tolist())
     sdir, layers = round_.artifact, round_.info["layers"]
     report = evaluate_lm(sdir, teacher, {"movie": test["text"].tolist()}, args.max_length, speed=True,
