@@ -7,8 +7,9 @@ compare directly.
 
 Speed and memory: peak memory is measured in a fresh subprocess per model (``measure_generation``): the peak
 RSS of loading the model and one generation, minus the RSS of the same process before loading (so the imported
-libraries do not count); on GPU it is ``torch.cuda.max_memory_allocated``. Generation is greedy, batch 1, a
-fixed number of new tokens (``min_new_tokens = max_new_tokens``) so both models do equal work.
+libraries do not count); on GPU it is ``torch.cuda.max_memory_allocated``. Generation is greedy, batch 1, with the
+decoding loop served generation uses (``kdops.lm.decode``) and no EOS, so both models make exactly
+``max_new_tokens`` new tokens: equal work.
 The reported tokens/s come from a paired measurement (``measure_generation_paired``): both models loaded
 in one fresh process, teacher and student generating prompt by prompt in alternation (who goes first alternates
 too), ``speed_rounds`` passes over the prompts; each model's figure is the median of its per-prompt rates.
@@ -139,24 +140,24 @@ def _rss_mb() -> float:
 
 def _generator(kind: str, directory: str, device: str, max_new_tokens: int):
     """``(generate, parameter count)`` for a teacher dir (``kind='teacher'``) or a kdops LM student dir:
-    ``generate(prompt ids)`` runs greedy decoding of exactly ``max_new_tokens`` and returns the ids (1, T)."""
+    ``generate(prompt ids)`` runs greedy decoding of exactly ``max_new_tokens`` and returns the new ids (1, n)."""
+    from kdops.lm.decode import decode
     from kdops.lm.student import load_lm_student
     from kdops.lm.teacher import load_causal_lm
 
+    # Both models decode with the same loop as served generation (kdops.lm.decode), with no EOS: every prompt
+    # gets exactly max_new_tokens new tokens, so both do equal work.
     if kind == "teacher":
         model, _ = load_causal_lm(directory, device)
 
         def gen(p):
-            return model.generate(input_ids=torch.tensor([p], device=device), max_new_tokens=max_new_tokens,
-                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+            return decode(model, torch.tensor([p], device=device), None, max_new_tokens)
         return gen, sum(p.numel() for p in model.parameters())
     student, _, _ = load_lm_student(directory, device)
-    extra = {"suppress_tokens": [student.other_id]} if student.trimmed else {}
 
     def gen(p):
-        ids = student.map_ids(torch.tensor([p], device=device))
-        return student.model.generate(input_ids=ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=0, **extra)
+        return decode(student.model, student.map_ids(torch.tensor([p], device=device)), None, max_new_tokens,
+                      suppress_id=student.other_id)
     return gen, student.num_parameters()
 
 
@@ -190,7 +191,7 @@ def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_t
         rates, new, seconds = [], 0, 0.0
         for p in prompts:
             t0 = time.perf_counter()
-            n = gen(p).shape[1] - len(p)
+            n = gen(p).shape[1]
             dt = time.perf_counter() - t0
             rates.append(n / dt)
             new, seconds = new + n, seconds + dt
@@ -214,7 +215,7 @@ def _measure_paired(teacher_dir: str, student_dir: str, prompts: list[list[int]]
             for i, p in enumerate(prompts):
                 for kind in (("teacher", "student") if (r + i) % 2 == 0 else ("student", "teacher")):
                     t0 = time.perf_counter()
-                    n = gens[kind](p).shape[1] - len(p)
+                    n = gens[kind](p).shape[1]
                     rates[kind].append(n / (time.perf_counter() - t0))
     pair = [s / t for s, t in zip(rates["student"], rates["teacher"])]
     return {kind: {"tokens_per_s": float(np.median(v)), "rates": v} for kind, v in rates.items()} | {

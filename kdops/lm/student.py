@@ -205,51 +205,30 @@ class LMStudent(nn.Module):
         ``temperature`` 0, else plain sampling from the softmax at that temperature (no top-k / top-p).
         ``on_step(first_row, ids)``, if given, is called after every decoding step with that step's token of each
         row of the current chunk (full-vocabulary ids; rows already past EOS get padding): token streaming."""
+        from kdops.lm.decode import decode
         from kdops.lm.teacher import pad_batch
 
         device = next(self.model.parameters()).device
         out: list[list[int]] = []
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
-        extra = {"suppress_tokens": [self.other_id]} if self.trimmed else {}
-        if temperature > 0:
-            extra.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
-        else:
-            extra.update(do_sample=False)
         s_pad = int(self.map_ids(torch.tensor(pad_id)))
         s_eos = None if eos_id is None else int(self.map_ids(torch.tensor(eos_id)))
         for s in range(0, len(prompts), batch_size):
             ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
             ids = self.map_ids(ids.to(device))
-            streamer = _StepStreamer(self, s, on_step) if on_step is not None else None
-            gen = self.model.generate(input_ids=ids, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                      pad_token_id=s_pad, eos_token_id=s_eos, streamer=streamer, **extra)
-            new = gen[:, ids.shape[1]:]
-            new = self.keep_ids[new] if self.trimmed else new
+            step = None if on_step is None else (lambda tok, s=s: on_step(s, self.full_ids(tok).tolist()))
+            new = self.full_ids(decode(self.model, ids, mask, max_new_tokens, pad_id=s_pad, eos_id=s_eos,
+                                       temperature=temperature, suppress_id=self.other_id, on_step=step))
             for row in new.tolist():
                 if eos_id is not None and eos_id in row:
                     row = row[: row.index(eos_id) + 1]
                 out.append(row)
         return out
 
-
-class _StepStreamer:
-    """A transformers streamer (put/end) that hands each decoding step's tokens, as full-vocabulary ids, to a
-    callback. generate() first puts the prompt ids (2-D), then one (batch,) tensor per step."""
-
-    def __init__(self, student: "LMStudent", first_row: int, on_step: Callable[[int, list[int]], None]):
-        self.student, self.first_row, self.on_step, self.prompt_seen = student, first_row, on_step, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        ids = value.reshape(-1).to(self.student.keep_ids.device if self.student.trimmed else value.device)
-        self.on_step(self.first_row, (self.student.keep_ids[ids.clamp(max=self.student.other_id - 1)]
-                                      if self.student.trimmed else ids).tolist())
-
-    def end(self) -> None:
-        pass
+    def full_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Student ids -> full-vocabulary ids (``<other>`` never comes out of ``generate``: it is suppressed)."""
+        return self.keep_ids[ids.clamp(max=self.other_id - 1).to(self.keep_ids.device)] if self.trimmed else ids
 
 
 def corpus_vocabulary(sequences: Sequence[Sequence[int]], always: Sequence[int] = (), first_n: int = 0) -> list[int]:

@@ -1,0 +1,81 @@
+"""A lean decoding loop for any Hugging Face causal LM: prefill once, then one forward per new token on the KV cache.
+
+``transformers``' ``generate`` runs the same forwards, but each step also goes through its logits-processor and
+stopping-criteria lists, input preparation and bookkeeping. At batch 1 on a CPU a small model's step costs a
+few milliseconds, so that fixed cost is a noticeable part of it, and it is the same for the teacher and the
+student, which pulls their speed ratio towards 1. ``decode`` keeps only what kdops uses: greedy or plain
+temperature sampling, one id that may never be produced (a trimmed student's ``<other>``), an EOS that ends a row,
+an optional minimum length, left padding, and a per-step callback for streaming. Greedy ``decode`` produces the
+ids ``generate`` produces (``tests/test_lm_decode.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: ``cache`` in recent transformers 5 releases, ``past_key_values`` before
+    (still accepted, with a deprecation warning on every call)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, *,
+           pad_id: int = 0, eos_id: int | None = None, temperature: float = 0.0, suppress_id: int | None = None,
+           min_new_tokens: int = 0, on_step: Callable[[torch.Tensor], None] | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """New ids (B, n) after left-padded prompts ``input_ids`` (B, T), ``n <= max_new_tokens``; rows that ended
+    with ``eos_id`` are padded with ``pad_id`` after it. Decoding stops early once every row has ended.
+    ``temperature`` 0 is greedy, else sampling from ``softmax(logits / temperature)``. ``on_step(ids)`` gets each
+    step's (B,) ids as they are produced."""
+    from transformers import DynamicCache
+
+    B = input_ids.shape[0]
+    device = input_ids.device
+    if max_new_tokens <= 0:
+        return torch.empty((B, 0), dtype=torch.long, device=device)
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0.")
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    # Without padding no mask is built at all (the model's causal attention does the job); with left padding the
+    # mask grows by one column per step and positions count real tokens only, as generate() does.
+    mask = attention_mask.to(device=device, dtype=torch.long) if padded else None
+    cache = DynamicCache()  # filled in place by every forward
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    if padded:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw)
+        next_pos = pos[:, -1:] + 1
+    else:
+        out = model(input_ids=input_ids, logits_to_keep=1, **kw)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if suppress_id is not None:
+            logits[:, suppress_id] = float("-inf")
+        if eos_id is not None and step < min_new_tokens:
+            logits[:, eos_id] = float("-inf")
+        if temperature > 0:
+            tok = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            tok = logits.argmax(-1)
+        if eos_id is not None:
+            tok = tok.masked_fill(done, pad_id)
+            done = done | (tok == eos_id)
+        new.append(tok)
+        if on_step is not None:
+            on_step(tok)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if padded:
+            mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, **kw)
+            next_pos = next_pos + 1
+        else:
+            out = model(input_ids=tok[:, None], **kw)
+    return torch.stack(new, dim=1)
