@@ -161,6 +161,13 @@ def _generator(kind: str, directory: str, device: str, max_new_tokens: int):
     return gen, student.num_parameters()
 
 
+def _timed(gen, prompt: list[int]) -> tuple[int, float]:
+    """(new tokens, seconds) of one generation."""
+    t0 = time.perf_counter()
+    n = gen(prompt).shape[1]
+    return n, time.perf_counter() - t0
+
+
 def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_tokens: int, device: str, threads: int) -> dict:
     """Load a teacher dir (``kind='teacher'``) or a kdops LM student dir and time greedy generation."""
     import threading
@@ -190,9 +197,7 @@ def _measure_here(kind: str, directory: str, prompts: list[list[int]], max_new_t
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else max(peak[0], _rss_mb()) - base
         rates, new, seconds = [], 0, 0.0
         for p in prompts:
-            t0 = time.perf_counter()
-            n = gen(p).shape[1]
-            dt = time.perf_counter() - t0
+            n, dt = _timed(gen, p)
             rates.append(n / dt)
             new, seconds = new + n, seconds + dt
     # The median per-prompt rate is the headline: on a shared machine a burst of other load hits a few prompts,
@@ -214,9 +219,8 @@ def _measure_paired(teacher_dir: str, student_dir: str, prompts: list[list[int]]
         for r in range(rounds):
             for i, p in enumerate(prompts):
                 for kind in (("teacher", "student") if (r + i) % 2 == 0 else ("student", "teacher")):
-                    t0 = time.perf_counter()
-                    n = gens[kind](p).shape[1]
-                    rates[kind].append(n / (time.perf_counter() - t0))
+                    n, dt = _timed(gens[kind], p)
+                    rates[kind].append(n / dt)
     pair = [s / t for s, t in zip(rates["student"], rates["teacher"])]
     return {kind: {"tokens_per_s": float(np.median(v)), "rates": v} for kind, v in rates.items()} | {
         "speedup_median_of_pairs": float(np.median(pair)), "rounds": rounds, "prompts": len(prompts)}
