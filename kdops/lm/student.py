@@ -205,7 +205,7 @@ class LMStudent(nn.Module):
         ``temperature`` 0, else plain sampling from the softmax at that temperature (no top-k / top-p).
         ``on_step(first_row, ids)``, if given, is called after every decoding step with that step's token of each
         row of the current chunk (full-vocabulary ids; rows already past EOS get padding): token streaming."""
-        from kdops.lm.decode import decode
+        from kdops.lm.decode import cut_after_eos, decode
         from kdops.lm.teacher import pad_batch
 
         device = next(self.model.parameters()).device
@@ -220,10 +220,7 @@ class LMStudent(nn.Module):
             step = None if on_step is None else (lambda tok, s=s: on_step(s, self.full_ids(tok).tolist()))
             new = self.full_ids(decode(self.model, ids, mask, max_new_tokens, pad_id=s_pad, eos_id=s_eos,
                                        temperature=temperature, suppress_id=self.other_id, on_step=step))
-            for row in new.tolist():
-                if eos_id is not None and eos_id in row:
-                    row = row[: row.index(eos_id) + 1]
-                out.append(row)
+            out += cut_after_eos(new.tolist(), eos_id)
         return out
 
     def full_ids(self, ids: torch.Tensor) -> torch.Tensor:
