@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Where to write the JSON report.")
     ap.add_argument("--layers", type=int, default=11, help="Teacher layers the student keeps (of 30).")
+    ap.add_argument("--intermediate", type=int, default=None,
+                    help="MLP neurons each kept layer keeps, the most active on the training text (default: all 1536).")
     ap.add_argument("--strategy", default="influence", choices=["influence", "first_last", "first", "even"],
                     help="Which teacher layers to keep (influence: the most influential on the training text).")
     ap.add_argument("--trim-vocab", type=int, default=16384,
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                           kd_mode=args.kd_mode, topk=args.topk, kd_residual=args.kd_residual,
                           seq_kd_weight=args.seq_kd_weight, seed=args.seed, freeze_embeddings=args.freeze_embeddings)
     shape = LMShape(layers=args.layers, strategy=args.strategy, trim_vocab=args.trim_vocab, vocab_share=args.vocab_share,
-                    tail_rank=args.tail_rank)
+                    tail_rank=args.tail_rank, intermediate=args.intermediate)
     # The same round and evaluation the LM flow runs (kdops.lm.rounds); only the data choice is the bench's.
     out_dir = Path(args.student_dir) if args.student_dir else subdir("students") / f"smollm2-movie-lm-{Path(args.out).stem}"
     round_ = run_lm_round(teacher, LMSoftLabelCache(home() / "lm_soft_labels.sqlite"), train["text"].tolist(), out_dir,

@@ -109,6 +109,7 @@ def lm_distill(
     lr: float = typer.Option(6e-4, "--lr", help="Peak learning rate."),
     layers: int = typer.Option(10, "--layers", min=1, help="First round: teacher layers the student keeps."),
     trim_vocab: int = typer.Option(8192, "--trim-vocab", min=-1, help="First round: keep ids seen in training plus the first N (-1: the full vocabulary)."),
+    intermediate: int = typer.Option(0, "--intermediate", min=0, help="First round: MLP neurons each kept layer keeps, the most active on the round's text (0: all)."),
     tail_rank: int = typer.Option(64, "--tail-rank", min=0, help="Trimmed vocabulary: rank of the context tail over the dropped ids, fitted each round against the teacher (0: context-free tail only)."),
     max_ppl_ratio: float = typer.Option(1.15, "--max-ppl-ratio", help="Gate: student / teacher perplexity limit."),
     model: str = typer.Option("kdops-lm-student", "--model", help="Registered and served model name."),
@@ -135,7 +136,8 @@ def lm_distill(
     torch.set_num_threads(threads)
     try:
         cfg = LMDistillConfig(steps=steps, batch_size=batch_size, lr=lr, freeze_embeddings=trim_vocab < 0, seed=seed)
-        shape = LMShape(layers=layers, trim_vocab=None if trim_vocab < 0 else trim_vocab, tail_rank=tail_rank)
+        shape = LMShape(layers=layers, trim_vocab=None if trim_vocab < 0 else trim_vocab, tail_rank=tail_rank,
+                        intermediate=intermediate or None)
         th = LMGateThresholds(max_ppl_ratio=max_ppl_ratio)
         names = tuple(d.strip() for d in domains.split(",") if d.strip())
         run_lm_round_cli(names, train_sentences, eval_sentences, cfg, shape, th, model, teacher_dir, serve, triton_url,

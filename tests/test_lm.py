@@ -13,8 +13,8 @@ from kdops.artifacts import ArtifactError
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import LMReport, perplexity, top1_agreement
-from kdops.lm.student import (LMStudent, layer_influence, load_lm_student, prune_layers, save_lm_student,
-                               select_by_influence, select_layers)
+from kdops.lm.student import (LMStudent, layer_influence, load_lm_student, mlp_neuron_importance, prune_layers,
+                               prune_mlp, save_lm_student, select_by_influence, select_layers)
 from kdops.lm.teacher import HFCausalLMTeacher, LMTeacher, greedy_generate, pad_batch
 
 V = 100
@@ -85,6 +85,40 @@ def test_pruning_keeps_chosen_layers_weights():
     same = prune_layers(teacher, [0, 1, 2, 3])
     x = torch.tensor(sequences(2)[0])[None]
     assert torch.allclose(same(x), teacher(x).logits, atol=1e-5)
+
+
+def test_width_pruning_drops_the_neurons_that_never_fire(tmp_path, monkeypatch):
+    import transformers
+
+    teacher = tiny_llama(3)
+    with torch.no_grad():  # in the kept layers, neurons 0-15 of 64 never fire: silu(0) * 0 = 0
+        for i in (0, 2):
+            teacher.model.layers[i].mlp.gate_proj.weight[:16] = 0
+            teacher.model.layers[i].mlp.up_proj.weight[:16] = 0
+    student = prune_layers(teacher, [0, 2], keep_ids=list(range(70)))
+    seqs = sequences(12)
+    x = torch.tensor([[1, 5, 80, 9, 33]])  # 80: a dropped id, read as <other>
+    with torch.no_grad():
+        before = student(x)
+    imp = mlp_neuron_importance(student.model, [student.map_ids(torch.tensor(q)).tolist() for q in seqs])
+    assert [float(t[:16].abs().max()) for t in imp] == [0.0, 0.0] and all(float(t[16:].min()) > 0 for t in imp)
+    n_before = student.num_parameters()
+    kept = prune_mlp(student, 48, seqs)
+    assert kept == [list(range(16, 64))] * 2
+    assert student.config.intermediate_size == 48 and student.model.model.layers[1].mlp.down_proj.in_features == 48
+    assert n_before - student.num_parameters() == 2 * 3 * 32 * 16  # 2 layers x (gate, up, down) x hidden x neurons
+    with torch.no_grad():
+        assert torch.allclose(student(x), before, atol=1e-5)  # only silent neurons went
+        # a live neuron's removal does change the output: the importance ranks by what the neuron contributes
+        prune_mlp(student, 40, seqs)
+        assert not torch.allclose(student(x), before, atol=1e-4)
+    # the narrower shape travels with the artifact
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda p: "tok"))
+    loaded, _, _ = load_lm_student(save_lm_student(tmp_path / "w", student, TinyTokenizer()))
+    assert loaded.config.intermediate_size == 40 and torch.allclose(loaded(x), student(x), atol=1e-6)
+    with pytest.raises(ValueError, match="intermediate"):
+        prune_mlp(student, 41, seqs)  # wider than what is left
+    assert prune_mlp(student, 40, seqs) == [list(range(40))] * 2  # nothing to drop
 
 
 def test_trimmed_vocab_is_a_distribution_over_full_vocab():
@@ -246,6 +280,8 @@ def test_lm_shape_validation():
         LMShape(strategy="random")
     with pytest.raises(ValueError, match="tail_rank"):
         LMShape(tail_rank=-1)
+    with pytest.raises(ValueError, match="intermediate"):
+        LMShape(intermediate=0)
     assert LMShape().strategy == "influence" and LMShape().tail_rank == 64
 
 
@@ -475,11 +511,13 @@ def test_lm_round_fits_the_context_tail_on_a_share_of_its_text(tmp_path, tiny_lm
     cfg = LMDistillConfig(steps=8, batch_size=4, topk=8, lr=1e-3)
     tail = TailConfig(rank=4, steps=50, batch_size=64, holdout=holdout) if holdout else None  # None: the shape's rank
     res = run_lm_round(teacher, LMSoftLabelCache(tmp_path / "c.sqlite"), texts, tmp_path / "s", cfg,
-                       LMShape(layers=2, trim_vocab=0, vocab_share=0.5, tail_rank=4), max_length=16, progress=False,
+                       LMShape(layers=2, trim_vocab=0, vocab_share=0.5, tail_rank=4, intermediate=48 if holdout else None),
+                       max_length=16, progress=False,
                        tail=tail, monitor_texts=() if holdout else texts[:3])
     student, _, meta = load_lm_student(res.artifact)
     lin = meta["lineage"]
     assert lin["calibration_sequences"] == 6 and lin["calibration_held_out"] is holdout
+    assert lin["intermediate"] == student.config.intermediate_size == (48 if holdout else 64)  # width-pruned if asked
     assert lin["sequences"] == (54 if holdout else 60)  # held out of distillation only when asked
     assert lin["tail_head"]["rank"] == 4 and lin["tail_head"]["sentences"] == 6
     assert (student.head is not None) == lin["tail_head"]["installed"]

@@ -21,8 +21,8 @@ from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import (LMEvalConfig, LMReport, measure_generation, measure_generation_paired, perplexity,
                                scores_perplexity, teacher_scores, top1_agreement)
-from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, save_lm_student,
-                               select_by_influence, select_layers)
+from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, prune_mlp,
+                               save_lm_student, select_by_influence, select_layers)
 from kdops.lm.tail import TailConfig, fit_tail, fit_tail_head
 from kdops.lm.teacher import HFCausalLMTeacher
 
@@ -36,12 +36,15 @@ class LMShape:
     trim_vocab: int | None = field(default=8192, metadata={"help": "Keep the ids seen in the first round's text plus the first N ids (None: full vocabulary)."})
     vocab_share: float = field(default=0.8, metadata={"help": "Share of the first round's text whose ids are kept; ids only in the rest train <other>."})
     tail_rank: int = field(default=64, metadata={"help": "A trimmed student's context tail (kdops.lm.tail.TailHead), refitted every round: rank of its dropped-id softmax (0: context-free tail only)."})
+    intermediate: int | None = field(default=None, metadata={"help": "MLP neurons each kept layer keeps, the most active on the round's text (kdops.lm.student.prune_mlp; None: all)."})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.vocab_share <= 1.0:
             raise ValueError("vocab_share must be in (0, 1].")
         if self.layers < 1 or (self.trim_vocab is not None and self.trim_vocab < 0) or self.tail_rank < 0:
             raise ValueError("layers must be >= 1, trim_vocab >= 0 (or None) and tail_rank >= 0.")
+        if self.intermediate is not None and self.intermediate < 1:
+            raise ValueError("intermediate must be >= 1 (or None: keep every MLP neuron).")
         if self.strategy not in ("influence", "first_last", "first", "even"):
             raise ValueError(f"strategy must be influence, first_last, first or even; got {self.strategy!r}.")
 
@@ -87,12 +90,14 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
             # 0.2 % where 3 % of held-out tokens needed it).
             vocab_seqs = replay_sample(seqs, max(1, int(round(shape.vocab_share * len(seqs)))), cfg.seed)
             keep = corpus_vocabulary(vocab_seqs, [teacher.start_id, teacher.eos_id, teacher.pad_id], shape.trim_vocab)
+        sample = replay_sample(seqs, 128, cfg.seed)  # a seeded calibration sample of the round's text
         if shape.strategy == "influence":
-            sample = replay_sample(seqs, 128, cfg.seed)  # a seeded calibration sample of the round's text
             layers = select_by_influence(layer_influence(teacher.model, sample, teacher.pad_id), shape.layers)
         else:
             layers = select_layers(teacher.model.config.num_hidden_layers, shape.layers, shape.strategy)
         student = prune_layers(teacher.model, layers, keep)
+        if shape.intermediate is not None:  # then width: the kept layers' most active MLP neurons
+            prune_mlp(student, shape.intermediate, sample, teacher.pad_id)
     n_replay = int(round(len(seqs) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))) if replay_texts else 0
     replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []
     monitor = teacher.encode(list(monitor_texts), max_length) if monitor_texts else []
@@ -115,6 +120,7 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
                 student.set_tail(hfit.tail_logprob)
                 student.set_head(hfit.head)
     lin = {"teacher_id": teacher.id, "layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
+           "intermediate": int(student.config.intermediate_size),
            "parent_artifact": str(champion_dir) if champion_dir else None, "distill": res["config"],
            "sequences": len(seqs), "replay": len(replay), "max_length": max_length, "tail": tail_info,
            "tail_head": head_info, "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,

@@ -13,6 +13,9 @@
   (kdops.lm.tail), so perplexities stay comparable with the teacher's, and dropped ids that occur in
   held-out text are paid for in full. A fitted ``TailHead`` makes ``<other>``'s share and the tail depend
   on the last hidden state (scoring only). Generation never emits ``<other>``, so neither changes it.
+- ``prune_mlp``: width pruning after depth pruning: every kept layer keeps only its most active MLP neurons
+  (Minitron, Muralidharan et al. 2024: activation importance on calibration text), so a student can shed
+  parameters without dropping a whole layer.
 - ``from_config``: a random-init ``LlamaForCausalLM`` of any shape with the teacher's tokenizer.
 
 ``LMStudent`` wraps the HF model and the id map; ``save_lm_student`` / ``load_lm_student`` write and read
@@ -79,6 +82,72 @@ def select_by_influence(influence: Sequence[float], num_layers: int) -> list[int
         raise ValueError(f"num_layers must be in [2, {L}] for influence-based selection, got {num_layers}.")
     middle = sorted(range(1, L - 1), key=lambda i: -influence[i])[: num_layers - 2]
     return sorted([0, L - 1, *middle])
+
+
+@torch.no_grad()
+def mlp_neuron_importance(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0,
+                          batch_size: int = 16) -> list[torch.Tensor]:
+    """Per decoder layer, each MLP neuron's mean absolute activation (the input of ``down_proj``) over every real
+    token of ``sequences``: the activation-based width importance of Minitron (Muralidharan et al. 2024)."""
+    from kdops.lm.teacher import pad_batch
+
+    device = next(model.parameters()).device
+    layers = model.model.layers
+    totals = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(i):
+        def add(module, inputs):
+            totals[i] += inputs[0][state["mask"]].float().abs().sum(0)
+        return add
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    count = 0
+    try:
+        for s in range(0, len(sequences), batch_size):
+            ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
+            state["mask"] = mask.to(device).bool()
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            count += int(state["mask"].sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return [t / max(count, 1) for t in totals]
+
+
+@torch.no_grad()
+def prune_mlp(student: LMStudent, intermediate: int, sequences: Sequence[Sequence[int]], pad_id: int = 0) -> list[list[int]]:
+    """Width pruning in place: every decoder layer keeps its ``intermediate`` most active MLP neurons on
+    ``sequences`` (full-vocabulary ids; ``mlp_neuron_importance``), rows of ``gate_proj`` / ``up_proj`` and columns of ``down_proj``
+    copied unchanged. Returns the kept neuron indices per layer. A neuron that never fires contributes nothing,
+    so dropping only such neurons leaves the outputs unchanged."""
+    model = student.model
+    size = int(model.config.intermediate_size)
+    if not 1 <= intermediate <= size:
+        raise ValueError(f"intermediate must be in [1, {size}]; got {intermediate}.")
+    layers = model.model.layers
+    if intermediate == size:
+        return [list(range(size)) for _ in layers]
+    # the model reads student ids: a trimmed student's dropped ids become <other>
+    mapped = [student.map_ids(torch.as_tensor(list(seq), dtype=torch.long)).tolist() for seq in sequences]
+    importance = mlp_neuron_importance(model, mapped, int(student.map_ids(torch.tensor(pad_id))))
+    kept: list[list[int]] = []
+    for layer, score in zip(layers, importance):
+        keep = score.topk(intermediate).indices.sort().values
+        mlp = layer.mlp
+        for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            old: nn.Linear = getattr(mlp, name)
+            shape = (old.in_features, intermediate) if dim == 0 else (intermediate, old.out_features)
+            new = nn.Linear(*shape, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            new.weight.copy_(old.weight.index_select(dim, keep.to(old.weight.device)))
+            if old.bias is not None:
+                new.bias.copy_(old.bias[keep] if dim == 0 else old.bias)
+            setattr(mlp, name, new)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = intermediate
+        kept.append(keep.tolist())
+    model.config.intermediate_size = intermediate
+    return kept
 
 
 class LMStudent(nn.Module):
