@@ -54,20 +54,24 @@ def select_layers(num_teacher_layers: int, num_layers: int, strategy: str = "fir
     raise ValueError(f"strategy must be 'even', 'first' or 'first_last', got {strategy!r}.")
 
 
+def _batches(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int):
+    """Right-padded batches of ``sequences`` on the model's device: (ids, real-token mask as bool)."""
+    from kdops.lm.teacher import pad_batch
+
+    device = next(model.parameters()).device
+    for s in range(0, len(sequences), batch_size):
+        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
+        yield ids.to(device), mask.to(device).bool()
+
+
 @torch.no_grad()
 def layer_influence(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16) -> list[float]:
     """Block influence of each decoder layer (ShortGPT, Men et al. 2024): 1 - mean cosine similarity between the
     hidden state a layer receives and the one it returns, over every real token of ``sequences``. A layer that
     barely changes its input (low influence) is the cheapest to drop."""
-    from kdops.lm.teacher import pad_batch
-
-    device = next(model.parameters()).device
     total, count = None, 0
-    for s in range(0, len(sequences), batch_size):
-        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-        hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                   use_cache=False).hidden_states
-        m = mask.to(device).bool()
+    for ids, m in _batches(model, sequences, pad_id, batch_size):
+        hs = model(input_ids=ids, attention_mask=m.long(), output_hidden_states=True, use_cache=False).hidden_states
         sims = torch.stack([torch.nn.functional.cosine_similarity(hs[i][m].float(), hs[i + 1][m].float(), dim=-1).sum()
                             for i in range(len(hs) - 1)])
         total = sims if total is None else total + sims
@@ -89,8 +93,6 @@ def mlp_neuron_importance(model: nn.Module, sequences: Sequence[Sequence[int]], 
                           batch_size: int = 16) -> list[torch.Tensor]:
     """Per decoder layer, each MLP neuron's mean absolute activation (the input of ``down_proj``) over every real
     token of ``sequences``: the activation-based width importance of Minitron (Muralidharan et al. 2024)."""
-    from kdops.lm.teacher import pad_batch
-
     device = next(model.parameters()).device
     layers = model.model.layers
     totals = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]
@@ -104,11 +106,10 @@ def mlp_neuron_importance(model: nn.Module, sequences: Sequence[Sequence[int]], 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     count = 0
     try:
-        for s in range(0, len(sequences), batch_size):
-            ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-            state["mask"] = mask.to(device).bool()
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            count += int(state["mask"].sum())
+        for ids, mask in _batches(model, sequences, pad_id, batch_size):
+            state["mask"] = mask
+            model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+            count += int(mask.sum())
     finally:
         for h in handles:
             h.remove()
@@ -118,9 +119,9 @@ def mlp_neuron_importance(model: nn.Module, sequences: Sequence[Sequence[int]], 
 @torch.no_grad()
 def prune_mlp(student: LMStudent, intermediate: int, sequences: Sequence[Sequence[int]], pad_id: int = 0) -> list[list[int]]:
     """Width pruning in place: every decoder layer keeps its ``intermediate`` most active MLP neurons on
-    ``sequences`` (full-vocabulary ids; ``mlp_neuron_importance``), rows of ``gate_proj`` / ``up_proj`` and columns of ``down_proj``
-    copied unchanged. Returns the kept neuron indices per layer. A neuron that never fires contributes nothing,
-    so dropping only such neurons leaves the outputs unchanged."""
+    ``sequences`` (full-vocabulary ids; ``mlp_neuron_importance``), rows of ``gate_proj`` / ``up_proj`` and
+    columns of ``down_proj`` copied unchanged. Returns the kept neuron indices per layer. A neuron that never
+    fires contributes nothing, so dropping only such neurons leaves the outputs unchanged."""
     model = student.model
     size = int(model.config.intermediate_size)
     if not 1 <= intermediate <= size:
