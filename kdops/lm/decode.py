@@ -11,16 +11,22 @@ ratio measurably (bench/README.md, 2026-12-02).
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _cache_kwarg(model) -> str:
     """The forward's name for the KV cache: ``cache`` in recent transformers 5 releases, ``past_key_values`` before
-    (still accepted, with a deprecation warning on every call)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    (still accepted, with a deprecation warning on every call). Looked up once per model class."""
+    return _cache_kwarg_of(type(model))
 
 
 @torch.inference_mode()
@@ -79,6 +85,34 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
         else:
             out = model(input_ids=tok[:, None], **kw)
     return torch.stack(new, dim=1)
+
+
+def decode_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_id: int | None, *,
+                   batch_size: int = 16, to_model: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   from_model: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   on_step: Callable[[int, list[int]], None] | None = None, **decode_kw) -> list[list[int]]:
+    """Continuations of ``prompts`` (lists of ids), ``batch_size`` rows at a time, left-padded with ``pad_id``: new
+    tokens only, cut after the first ``eos_id``. ``to_model`` / ``from_model`` map ids into and out of the model's
+    own vocabulary (a trimmed student's); prompts, ``pad_id``, ``eos_id`` and the result are in outside ids.
+    ``on_step(first_row, ids)`` gets every step's tokens of the current chunk (outside ids: token streaming).
+    ``decode_kw`` goes to ``decode`` (``temperature``, ``suppress_id``, ...)."""
+    from kdops.lm.teacher import pad_batch
+
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    to_model = to_model or (lambda t: t)
+    from_model = from_model or (lambda t: t)
+    m_pad = int(to_model(torch.tensor(pad_id)))
+    m_eos = None if eos_id is None else int(to_model(torch.tensor(eos_id)))
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
+        step = None if on_step is None else (lambda tok, s=s: on_step(s, from_model(tok).tolist()))
+        new = decode(model, to_model(ids.to(device)), mask.to(device), max_new_tokens, pad_id=m_pad, eos_id=m_eos,
+                     on_step=step, **decode_kw)
+        out += cut_after_eos(from_model(new).tolist(), eos_id)
+    return out
 
 
 def cut_after_eos(rows: list[list[int]], eos_id: int | None) -> list[list[int]]:

@@ -223,16 +223,22 @@ class LMStudent(nn.Module):
         """Full-vocabulary ids -> student ids (dropped ids -> ``<other>``); identity when untrimmed."""
         return self.to_student[full_ids] if self.trimmed else full_ids
 
+    def logits_and_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V_student) for full-vocabulary ``input_ids`` (B, T) and, with ``hidden``, the last
+        (final-normed) hidden state (B, T, H) that the context tail reads."""
+        out = self.model(input_ids=self.map_ids(input_ids), attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=hidden)
+        return out.logits, (out.hidden_states[-1] if hidden else None)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V_student) for full-vocabulary ``input_ids`` (B, T)."""
-        return self.model(input_ids=self.map_ids(input_ids), attention_mask=attention_mask, use_cache=False).logits
+        return self.logits_and_hidden(input_ids, attention_mask, hidden=False)[0]
 
     def next_token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """log p(input_ids[:, 1:]) (B, T-1) over the full vocabulary, the context tail included when fitted."""
-        out = self.model(input_ids=self.map_ids(input_ids), attention_mask=attention_mask, use_cache=False,
-                         output_hidden_states=self.head is not None)
-        hidden = out.hidden_states[-1][:, :-1] if self.head is not None else None  # the final-normed state
-        return self.full_logprobs(out.logits[:, :-1], input_ids[:, 1:], hidden=hidden)
+        logits, hidden = self.logits_and_hidden(input_ids, attention_mask, hidden=self.head is not None)
+        return self.full_logprobs(logits[:, :-1], input_ids[:, 1:], hidden=None if hidden is None else hidden[:, :-1])
 
     def full_logprobs(self, logits: torch.Tensor, full_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """log p(full_ids) under the student, over the full vocabulary: (B, T, V_s), (B, T[, K]) -> (B, T[, K]).
@@ -246,9 +252,10 @@ class LMStudent(nn.Module):
         lp = torch.log_softmax(logits, dim=-1)
         squeeze = full_ids.dim() == lp.dim() - 1
         idx = full_ids.unsqueeze(-1) if squeeze else full_ids
-        out = lp.gather(-1, self.map_ids(idx))
+        sid = self.map_ids(idx)
+        out = lp.gather(-1, sid)
         if self.trimmed:  # <other>'s mass is spread over the dropped ids by the tail
-            is_dropped = self.map_ids(idx) == self.other_id
+            is_dropped = sid == self.other_id
             if use_head:  # the dropped-id softmax only where some asked id needs it
                 tail = torch.zeros_like(out)
                 at = is_dropped.any(-1)
@@ -275,23 +282,11 @@ class LMStudent(nn.Module):
         ``temperature`` 0, else plain sampling from the softmax at that temperature (no top-k / top-p).
         ``on_step(first_row, ids)``, if given, is called after every decoding step with that step's token of each
         row of the current chunk (full-vocabulary ids; rows already past EOS get padding): token streaming."""
-        from kdops.lm.decode import cut_after_eos, decode
-        from kdops.lm.teacher import pad_batch
+        from kdops.lm.decode import decode_prompts
 
-        device = next(self.model.parameters()).device
-        out: list[list[int]] = []
-        if max_new_tokens <= 0:
-            return [[] for _ in prompts]
-        s_pad = int(self.map_ids(torch.tensor(pad_id)))
-        s_eos = None if eos_id is None else int(self.map_ids(torch.tensor(eos_id)))
-        for s in range(0, len(prompts), batch_size):
-            ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
-            ids = self.map_ids(ids.to(device))
-            step = None if on_step is None else (lambda tok, s=s: on_step(s, self.full_ids(tok).tolist()))
-            new = self.full_ids(decode(self.model, ids, mask, max_new_tokens, pad_id=s_pad, eos_id=s_eos,
-                                       temperature=temperature, suppress_id=self.other_id, on_step=step))
-            out += cut_after_eos(new.tolist(), eos_id)
-        return out
+        return decode_prompts(self.model, prompts, max_new_tokens, pad_id, eos_id, batch_size=batch_size,
+                              to_model=self.map_ids, from_model=self.full_ids, on_step=on_step,
+                              temperature=temperature, suppress_id=self.other_id)
 
     def full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Student ids -> full-vocabulary ids (``<other>`` never comes out of ``generate``: it is suppressed)."""

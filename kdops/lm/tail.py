@@ -234,13 +234,12 @@ def _student_features(student, sequences, pad_id: int, batch_size: int = 16):
     with torch.inference_mode():
         for s in range(0, len(sequences), batch_size):
             ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-            out = student.model(input_ids=student.map_ids(ids.to(device)), attention_mask=mask.to(device),
-                                use_cache=False, output_hidden_states=True)
+            logits, hidden = student.logits_and_hidden(ids.to(device), mask.to(device))
             valid = mask[:, 1:].bool()
-            logits = out.logits[:, :-1].float().cpu()[valid]
+            logits = logits[:, :-1].float().cpu()[valid]
             o = student.other_id
             so.append(logits[:, o] - torch.logsumexp(logits[:, :o], -1))
-            hs.append(out.hidden_states[-1][:, :-1].float().cpu()[valid])
+            hs.append(hidden[:, :-1].float().cpu()[valid])
     return torch.cat(hs), torch.cat(so)
 
 

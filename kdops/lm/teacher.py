@@ -140,15 +140,9 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = Fals
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_id: int | None,
                     batch_size: int = 16) -> list[list[int]]:
     """Greedy continuations with the model's KV cache (``kdops.lm.decode``); new tokens only, cut after the first EOS."""
-    from kdops.lm.decode import cut_after_eos, decode
+    from kdops.lm.decode import decode_prompts
 
-    device = next(model.parameters()).device
-    out: list[list[int]] = []
-    for s in range(0, len(prompts), batch_size):
-        ids, mask = pad_batch(prompts[s:s + batch_size], pad_id, left=True)
-        gen = decode(model, ids.to(device), mask.to(device), max_new_tokens, pad_id=pad_id, eos_id=eos_id)
-        out += cut_after_eos(gen.tolist(), eos_id)
-    return out
+    return decode_prompts(model, prompts, max_new_tokens, pad_id, eos_id, batch_size=batch_size)
 
 
 class HFCausalLMTeacher:
