@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kdops.lm.teacher import pad_batch
+from kdops.lm.teacher import padded_batches
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,8 @@ def _target_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def perplexity(model, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16) -> dict:
     """``{"ppl", "nll", "tokens"}`` over all predicted tokens of ``sequences`` (each starts with its start token)."""
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for s in range(0, len(sequences), batch_size):
-        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
+    for _, ids, mask in padded_batches(sequences, pad_id, batch_size, next(model.parameters()).device):
         lp = _next_token_logprobs(model, ids, mask)  # (B, T-1)
         valid = mask[:, 1:].bool()
         total -= lp[valid].double().sum().item()
@@ -85,12 +82,9 @@ def teacher_scores(model, sequences: Sequence[Sequence[int]], pad_id: int = 0,
     """Per sequence, from one forward pass of a plain HF causal LM: ``(nll summed over its predicted tokens,
     their count, the top-1 id at each of its positions)``: what perplexity and agreement need of a teacher,
     and what kdops.lm.cache keeps so a later round does not run the teacher on the same text again."""
-    device = next(model.parameters()).device
     out = []
-    for s in range(0, len(sequences), batch_size):
+    for s, ids, mask in padded_batches(sequences, pad_id, batch_size, next(model.parameters()).device):
         part = sequences[s:s + batch_size]
-        ids, mask = pad_batch(part, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         lp = (_target_logprobs(logits, ids) * mask[:, 1:]).double()
         top1 = logits.argmax(-1).cpu().numpy().astype(np.int32)
@@ -114,11 +108,8 @@ def top1_agreement(teacher, student, sequences: Sequence[Sequence[int]], pad_id:
     teacher's top-1 ids per sequence, e.g. cached; then ``teacher`` is not run)."""
     if teacher_top1 is None:
         teacher_top1 = [x[2] for x in teacher_scores(teacher, sequences, pad_id, batch_size)]
-    device = next(student.parameters()).device
     same, count = 0, 0
-    for s in range(0, len(sequences), batch_size):
-        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
+    for s, ids, mask in padded_batches(sequences, pad_id, batch_size, next(student.parameters()).device):
         s_logits = student(ids, mask)
         s_top = (student.top1_full(s_logits) if hasattr(student, "top1_full") else s_logits.argmax(-1)).cpu()
         for r, t_top in enumerate(teacher_top1[s:s + batch_size]):

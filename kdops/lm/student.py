@@ -54,24 +54,17 @@ def select_layers(num_teacher_layers: int, num_layers: int, strategy: str = "fir
     raise ValueError(f"strategy must be 'even', 'first' or 'first_last', got {strategy!r}.")
 
 
-def _batches(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int):
-    """Right-padded batches of ``sequences`` on the model's device: (ids, real-token mask as bool)."""
-    from kdops.lm.teacher import pad_batch
-
-    device = next(model.parameters()).device
-    for s in range(0, len(sequences), batch_size):
-        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-        yield ids.to(device), mask.to(device).bool()
-
-
 @torch.no_grad()
 def layer_influence(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16) -> list[float]:
     """Block influence of each decoder layer (ShortGPT, Men et al. 2024): 1 - mean cosine similarity between the
     hidden state a layer receives and the one it returns, over every real token of ``sequences``. A layer that
     barely changes its input (low influence) is the cheapest to drop."""
+    from kdops.lm.teacher import padded_batches
+
     total, count = None, 0
-    for ids, m in _batches(model, sequences, pad_id, batch_size):
-        hs = model(input_ids=ids, attention_mask=m.long(), output_hidden_states=True, use_cache=False).hidden_states
+    for _, ids, mask in padded_batches(sequences, pad_id, batch_size, next(model.parameters()).device):
+        m = mask.bool()
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
         sims = torch.stack([torch.nn.functional.cosine_similarity(hs[i][m].float(), hs[i + 1][m].float(), dim=-1).sum()
                             for i in range(len(hs) - 1)])
         total = sims if total is None else total + sims
@@ -93,6 +86,8 @@ def mlp_neuron_importance(model: nn.Module, sequences: Sequence[Sequence[int]], 
                           batch_size: int = 16) -> list[torch.Tensor]:
     """Per decoder layer, each MLP neuron's mean absolute activation (the input of ``down_proj``) over every real
     token of ``sequences``: the activation-based width importance of Minitron (Muralidharan et al. 2024)."""
+    from kdops.lm.teacher import padded_batches
+
     device = next(model.parameters()).device
     layers = model.model.layers
     totals = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]
@@ -106,9 +101,9 @@ def mlp_neuron_importance(model: nn.Module, sequences: Sequence[Sequence[int]], 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     count = 0
     try:
-        for ids, mask in _batches(model, sequences, pad_id, batch_size):
-            state["mask"] = mask
-            model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+        for _, ids, mask in padded_batches(sequences, pad_id, batch_size, device):
+            state["mask"] = mask.bool()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
             count += int(mask.sum())
     finally:
         for h in handles:

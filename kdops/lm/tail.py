@@ -206,16 +206,14 @@ class HeadFit:
 def _teacher_targets(teacher_model, sequences, dropped: torch.Tensor, pad_id: int, topm: int, batch_size: int = 16):
     """Per real position of ``sequences``: the teacher's log P(dropped ids) and its ``topm`` most likely dropped
     ids (as indices into the dropped ids) with their log-probabilities given a dropped id."""
-    from kdops.lm.teacher import pad_batch
+    from kdops.lm.teacher import padded_batches
 
-    device = next(teacher_model.parameters()).device
     log_mass, idx, cond = [], [], []
     with torch.inference_mode():
-        for s in range(0, len(sequences), batch_size):
-            ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-            lp = torch.log_softmax(teacher_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+        for _, ids, mask in padded_batches(sequences, pad_id, batch_size, next(teacher_model.parameters()).device):
+            lp = torch.log_softmax(teacher_model(input_ids=ids, attention_mask=mask,
                                                  use_cache=False).logits[:, :-1].float(), -1).cpu()
-            valid = mask[:, 1:].bool()
+            valid = mask[:, 1:].bool().cpu()
             ld = lp[valid][:, dropped]  # (N, D)
             m = torch.logsumexp(ld, -1)
             v, i = ld.topk(min(topm, ld.shape[1]), -1)
@@ -227,15 +225,13 @@ def _teacher_targets(teacher_model, sequences, dropped: torch.Tensor, pad_id: in
 
 def _student_features(student, sequences, pad_id: int, batch_size: int = 16):
     """Per real position: the student's last hidden state and logit(p(<other>)) before any head."""
-    from kdops.lm.teacher import pad_batch
+    from kdops.lm.teacher import padded_batches
 
-    device = next(student.model.parameters()).device
     hs, so = [], []
     with torch.inference_mode():
-        for s in range(0, len(sequences), batch_size):
-            ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
-            logits, hidden = student.logits_and_hidden(ids.to(device), mask.to(device))
-            valid = mask[:, 1:].bool()
+        for _, ids, mask in padded_batches(sequences, pad_id, batch_size, next(student.model.parameters()).device):
+            logits, hidden = student.logits_and_hidden(ids, mask)
+            valid = mask[:, 1:].bool().cpu()
             logits = logits[:, :-1].float().cpu()[valid]
             o = student.other_id
             so.append(logits[:, o] - torch.logsumexp(logits[:, :o], -1))

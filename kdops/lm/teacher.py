@@ -136,6 +136,14 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = Fals
     return ids, mask
 
 
+def padded_batches(sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int, device=None):
+    """``sequences`` in order as right-padded batches: ``(start, input_ids, attention_mask)``, ``start`` the index of
+    the batch's first sequence, both tensors (``pad_batch``'s, mask as 0/1 longs) on ``device``."""
+    for s in range(0, len(sequences), batch_size):
+        ids, mask = pad_batch(sequences[s:s + batch_size], pad_id)
+        yield s, ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_id: int | None,
                     batch_size: int = 16) -> list[list[int]]:
