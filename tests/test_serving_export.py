@@ -58,3 +58,16 @@ def test_cli_every_option_has_help():
         for p in cmd.params:
             if p.param_type_name == "option":
                 assert p.help, f"serve {name} {p.name} has no help text"
+
+
+def test_swap_reference_runs_torch_on_the_calling_thread_and_restores_the_count():
+    import torch
+
+    from serving.swap import _torch_on_this_thread
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        with _torch_on_this_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

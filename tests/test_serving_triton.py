@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 pytestmark = pytest.mark.server
 
@@ -167,14 +169,18 @@ def test_swaps_reload_the_standby_slot_in_place_under_load(served, second_studen
     hot_swap(server, "student", second_student, cfg=cfg)  # both slots now loaded, whatever came before
     stubs = set(server.pids())
     anon = _client(server, key=False)
+    threads = torch.get_num_threads()
+    niced = replace(cfg, nice_loading=True)  # the middle swap at nice 19, its local reference on one thread
     with traffic(lambda: anon.infer("student", ["good movie", "bad plot"])) as (errors, _):
-        swaps = [hot_swap(server, "student", d, cfg=cfg) for d in (tiny_student_dir, second_student, tiny_student_dir)]
+        swaps = [hot_swap(server, "student", d, cfg=c)
+                 for d, c in ((tiny_student_dir, cfg), (second_student, niced), (tiny_student_dir, cfg))]
         broken = tmp_path / "broken"
         shutil.copytree(second_student, broken)
         (broken / "model.safetensors").write_bytes(b"\x00" * 64)
         with pytest.raises(SwapError, match="could not load the new weights.*still serving"):
             hot_swap(server, "student", broken, cfg=cfg)
     assert errors == []
+    assert torch.get_num_threads() == threads  # the niced swap gave back torch's thread count
     assert [s.method for s in swaps] == ["reload"] * 3
     assert [s.slot for s in swaps] == [swaps[0].slot, swaps[1].slot, swaps[0].slot] and swaps[0].slot != swaps[1].slot
     assert set(server.pids()) <= stubs  # no process started for any of the reloads
