@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kdops.proc import run_in_idle_thread
+from kdops.proc import release_free_memory, run_in_idle_thread
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ class ReloadWatcher:
             self._ack(req.seq, False, req.version, f"{type(e).__name__}: {e}")
             return True
         self.install(predictor)
+        del predictor
+        release_free_memory()  # the previous weights, now unreferenced: else RSS creeps up reload by reload
         log.info("reload %d: now serving %s (%.2f s)", req.seq, req.version, time.perf_counter() - t0)
         self._ack(req.seq, True, req.version)
         return True

@@ -27,6 +27,28 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
+def release_free_memory() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc ``malloc_trim(0)``), after a ``gc.collect()``.
+
+    Why: a hot reload frees one model's tensors and allocates the next's. glibc keeps the freed blocks in its
+    arenas, and with its sliding mmap threshold tensors of that size stop being mmapped after the first free.
+    120 swaps between two 4.7 M-parameter students (60 in-place reloads per slot) grew the server's RSS from
+    672 to 757 MB, where it levelled off (+12.6 %); with a trim after each reload, +2.7 % (bench/README.md).
+    True when memory was released; False where there is no glibc (a no-op there).
+    """
+    import gc
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # another C library (musl) without malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
+
+
 def lower_this_thread(nice: int = 19) -> None:
     """Put the calling thread (only it: Linux priorities are per thread) at nice ``nice`` and SCHED_IDLE.
 

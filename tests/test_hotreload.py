@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 
 import pytest
@@ -110,3 +111,32 @@ def test_idle_thread_work_returns_results_and_raises_errors():
     assert policy() == caller  # only the worker thread was lowered
     with pytest.raises(KeyError, match="missing"):
         run_in_idle_thread(lambda: {}["missing"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_release_free_memory_gives_freed_heap_pages_back():
+    """What a reload calls after dropping the old weights: freed heap blocks (below the mmap threshold, as
+    tensors end up once glibc has raised it) leave the process's RSS only after the trim."""
+    import ctypes
+    import ctypes.util
+
+    from kdops.proc import release_free_memory
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def rss_mb():
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+    blocks = [libc.malloc(64 * 1024) for _ in range(3200)]  # 200 MB in 64 KB heap blocks, touched
+    for b in blocks:
+        libc.memset(b, 1, 64 * 1024)
+    keep = libc.malloc(64 * 1024)  # a live block above them: the heap's top cannot simply shrink
+    for b in blocks:
+        libc.free(b)
+    before = rss_mb()
+    assert release_free_memory()
+    assert before - rss_mb() > 150
+    libc.free(keep)
