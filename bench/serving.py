@@ -100,10 +100,10 @@ def phase_maxima(timeline, phases, per_swap: list | None = None) -> dict:
 
 def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
     """``n`` hot swaps, alternating two students, under ``clients`` closed-loop clients: failures, worst
-    latency overall and per swap phase, and which method each swap used."""
+    latency overall and per swap phase, which method each swap used, and the server's RSS every n/5 swaps."""
     from serving.swap import hot_swap
 
-    swap_s, phases, methods = [], [], {}
+    swap_s, phases, methods, rss = [], [], {}, []
 
     def swaps():
         for i in range(n):
@@ -112,11 +112,14 @@ def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
             swap_s.append(time.perf_counter() - t0)
             phases.append((m0, r.timings_s))
             methods[r.method] = methods.get(r.method, 0) + 1
+            if (i + 1) % max(1, n // 5) == 0:
+                rss.append(round(rss_kb(server.pids()) / 1024))
 
     lat, errs, rps = load(server.url, "student", clients, 0, stop_when=swaps)
     out = dict(swaps=len(swap_s), swap_requests=len(lat), swap_failed=len(errs), swap_errors=errs[:5],
                swap_max_latency_ms=round(float(lat.max() * 1000), 1), swap_p99_ms=pct(lat, 99),
-               swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1), swap_methods=methods)
+               swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1), swap_methods=methods,
+               rss_mb_trace=rss)
     out["swap_max_over_steady_p99"] = round(out["swap_max_latency_ms"] / steady_p99_ms, 2)
     if CLIENT.get("timeline") is not None:
         per_swap: list = []
@@ -256,6 +259,10 @@ def main() -> None:
         # measured right after unloading them and reported a meaningless -68 %.
         hot_swap(server, "student", students[1], cfg=cfg)
         hot_swap(server, "student", students[0], cfg=cfg)
+        # And under load, without swaps: the serving working set (batch buffers, queues) is in the baseline, so
+        # the growth is what the swaps add. Before stop 17 the baseline was taken idle; with the real 4.7 M-
+        # parameter students the load alone then read as +5 % "growth" in the first swaps (bench/README.md).
+        load(server.url, "student", args.clients, 5.0)
         time.sleep(3)
         rss0 = rss_kb(server.pids())
         run = swap_run(server, students, args.swaps, args.clients, cfg, res["steady_p99_ms"])

@@ -153,7 +153,12 @@ class ReloadWatcher:
             return True
         self.install(predictor)
         del predictor
-        release_free_memory()  # the previous weights, now unreferenced: else RSS creeps up reload by reload
+        # The previous weights, now unreferenced: else RSS creeps up reload by reload. At the lowest priority
+        # too (its gc pass takes tens of ms of CPU); nothing waits for this stub's GIL before the ack.
+        if self.idle:
+            run_in_idle_thread(release_free_memory)
+        else:
+            release_free_memory()
         log.info("reload %d: now serving %s (%.2f s)", req.seq, req.version, time.perf_counter() - t0)
         self._ack(req.seq, True, req.version)
         return True
