@@ -261,7 +261,7 @@ def main() -> None:
         hot_swap(server, "student", students[0], cfg=cfg)
         # And under load, without swaps: the serving working set (batch buffers, queues) is in the baseline, so
         # the growth is what the swaps add. Before stop 17 the baseline was taken idle; with the real 4.7 M-
-        # parameter students the load alone then read as +5 % "growth" in the first swaps (bench/README.md).
+        # parameter students the load alone read as about 6 % "growth" in the first 20 swaps (bench/README.md).
         load(server.url, "student", args.clients, 5.0)
         time.sleep(3)
         rss0 = rss_kb(server.pids())

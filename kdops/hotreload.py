@@ -155,10 +155,10 @@ class ReloadWatcher:
         del predictor
         # The previous weights, now unreferenced: else RSS creeps up reload by reload. At the lowest priority
         # too (its gc pass takes tens of ms of CPU); nothing waits for this stub's GIL before the ack.
-        if self.idle:
-            run_in_idle_thread(release_free_memory)
-        else:
-            release_free_memory()
+        try:
+            run_in_idle_thread(release_free_memory) if self.idle else release_free_memory()
+        except Exception as e:  # the new weights are installed: answer anyway
+            log.warning("reload %d: freeing the previous weights failed: %s", req.seq, e)
         log.info("reload %d: now serving %s (%.2f s)", req.seq, req.version, time.perf_counter() - t0)
         self._ack(req.seq, True, req.version)
         return True
