@@ -145,8 +145,7 @@ class ReloadWatcher:
             # The build runs in a short-lived thread at the lowest priority (nice 19, SCHED_IDLE). Not this
             # thread: it also runs in the serving process, and a lowered thread that gets preempted while
             # holding the GIL stalls the serving thread behind it (priority inversion).
-            predictor = run_in_idle_thread(self.load, req.artifact, req.version) if self.idle else \
-                self.load(req.artifact, req.version)
+            predictor = self._background(self.load, req.artifact, req.version)
         except Exception as e:  # a corrupt artifact, a shape mismatch: refuse it, keep serving what we have
             log.warning("reload %d of %s refused: %s", req.seq, req.artifact, e)
             self._ack(req.seq, False, req.version, f"{type(e).__name__}: {e}")
@@ -156,12 +155,16 @@ class ReloadWatcher:
         # The previous weights, now unreferenced: else RSS creeps up reload by reload. At the lowest priority
         # too (its gc pass takes tens of ms of CPU); nothing waits for this stub's GIL before the ack.
         try:
-            run_in_idle_thread(release_free_memory) if self.idle else release_free_memory()
+            self._background(release_free_memory)
         except Exception as e:  # the new weights are installed: answer anyway
             log.warning("reload %d: freeing the previous weights failed: %s", req.seq, e)
         log.info("reload %d: now serving %s (%.2f s)", req.seq, req.version, time.perf_counter() - t0)
         self._ack(req.seq, True, req.version)
         return True
+
+    def _background(self, fn, *args):
+        """``fn(*args)`` at the lowest priority in a short-lived thread (``idle``), else on this thread."""
+        return run_in_idle_thread(fn, *args) if self.idle else fn(*args)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

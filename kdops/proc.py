@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    """The C library, looked up once: ``find_library`` runs ``ldconfig`` in a subprocess on every call."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """``preexec_fn`` for ``subprocess.Popen``: ask the kernel to send ``sig`` when the parent dies."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    _libc().prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 def release_free_memory() -> bool:
@@ -42,7 +48,7 @@ def release_free_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = _libc().malloc_trim
     except (OSError, AttributeError):  # another C library (musl) without malloc_trim
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
