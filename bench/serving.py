@@ -115,8 +115,11 @@ def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
             if (i + 1) % max(1, n // 5) == 0:
                 rss.append(round(rss_kb(server.pids()) / 1024))
 
+    t_run = time.perf_counter()
     lat, errs, rps = load(server.url, "student", clients, 0, stop_when=swaps)
-    out = dict(swaps=len(swap_s), swap_requests=len(lat), swap_failed=len(errs), swap_errors=errs[:5],
+    wall = time.perf_counter() - t_run
+    out = dict(swaps=len(swap_s), swap_seconds=round(wall, 1), swap_requests=len(lat), swap_failed=len(errs),
+               swap_errors=errs[:5], swap_requests_over_3x=int((lat * 1000 > 3 * steady_p99_ms).sum()),
                swap_max_latency_ms=round(float(lat.max() * 1000), 1), swap_p99_ms=pct(lat, 99),
                swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1), swap_methods=methods,
                rss_mb_trace=rss)
@@ -127,6 +130,18 @@ def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
         out["swap_phase_max_latency_ms_per_swap"] = per_swap
         out["swaps_over_3x_steady_p99"] = sum(1 for m in per_swap if m and max(m.values()) > 3 * steady_p99_ms)
     return out
+
+
+def control_run(server, seconds, clients, steady_p99_ms) -> dict:
+    """The same load for as long as the swaps took, with no swap: how far the worst request of a window that long
+    strays from the steady p99 on this box by itself. A max over tens of thousands of requests is the statistic the
+    swap target judges; this is its baseline without swaps."""
+    lat, errs, rps = load(server.url, "student", clients, seconds)
+    worst = round(float(lat.max() * 1000), 1) if len(lat) else None
+    return dict(control_seconds=round(seconds, 1), control_requests=len(lat), control_failed=len(errs),
+                control_p99_ms=pct(lat, 99), control_max_latency_ms=worst,
+                control_max_over_steady_p99=round(worst / steady_p99_ms, 2) if worst else None,
+                control_requests_over_3x=int((lat * 1000 > 3 * steady_p99_ms).sum()))
 
 
 def rss_kb(pids):
@@ -169,9 +184,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Rounds of the four alternating arms (batching off / on, stable name / direct); the median gain is reported.")
     ap.add_argument("--student", type=Path, nargs=2, default=None, help="Two real student dirs to swap between.")
     ap.add_argument("--teacher", type=Path, default=None, help="A real HF teacher dir (safetensors).")
-    ap.add_argument("--nice-loading", action="store_true", help="Renice loading stubs (SwapConfig.nice_loading).")
+    ap.add_argument("--nice-loading", action=argparse.BooleanOptionalAction, default=True,
+                    help="Swaps at nice 19 (SwapConfig.nice_loading, on by default); --no-nice-loading swaps at normal priority.")
     ap.add_argument("--baseline-swaps", type=int, default=10,
                     help="After the swaps of record, this many swaps that each start a new stub, as the baseline (0: none).")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="Skip the control window: the same load, as long as the swaps took, with no swap.")
     ap.add_argument("--no-standby", action="store_true",
                     help="Unload the old slot after each swap, so every swap starts a new stub (SwapConfig.standby=False): "
                          "the design before in-place reloads, as a baseline.")
@@ -269,6 +287,10 @@ def main() -> None:
         time.sleep(3)
         rss1 = rss_kb(server.pids())
         res.update(run, rss_kb_before=rss0, rss_kb_after=rss1, rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
+        if args.control:
+            res.update(control_run(server, run["swap_seconds"], args.clients, res["steady_p99_ms"]))
+            rows.append(("no swaps (control)", res["control_requests"] / run["swap_seconds"], None, None,
+                         res["control_p99_ms"], res["control_failed"]))
         if args.baseline_swaps:
             # The same swaps, each starting a new stub (the design before in-place reloads), same run and load.
             base = swap_run(server, students, args.baseline_swaps, args.clients, replace(cfg, standby=False),
@@ -287,6 +309,11 @@ def main() -> None:
         print(f"worst request during swaps / steady p99: in-place reload {res['swap_max_latency_ms']} ms "
               f"({res['swap_max_over_steady_p99']}x, {res['swaps']} swaps), fresh stub {b['swap_max_latency_ms']} ms "
               f"({b['swap_max_over_steady_p99']}x, {b['swaps']} swaps)")
+    if "control_max_latency_ms" in res:
+        print(f"worst request without swaps, same load and length ({res['control_seconds']} s): "
+              f"{res['control_max_latency_ms']} ms ({res['control_max_over_steady_p99']}x); requests over 3x the "
+              f"steady p99: {res['swap_requests_over_3x']} of {res['swap_requests']} during swaps, "
+              f"{res['control_requests_over_3x']} of {res['control_requests']} without")
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))

@@ -55,8 +55,9 @@ def release_free_memory() -> bool:
     return bool(trim(0))
 
 
-def lower_this_thread(nice: int = 19) -> None:
-    """Put the calling thread (only it: Linux priorities are per thread) at nice ``nice`` and SCHED_IDLE.
+def lower_this_thread(nice: int = 19, sched_idle: bool = True) -> None:
+    """Put the calling thread (only it: Linux priorities are per thread) at nice ``nice`` and, with
+    ``sched_idle``, SCHED_IDLE.
 
     Why SCHED_IDLE too: a thread at nice 19 that holds the CPU when a normal thread wakes may keep it for
     the rest of its slice (EEVDF protects a running slice); a SCHED_IDLE one is preempted at once. Not
@@ -71,28 +72,73 @@ def lower_this_thread(nice: int = 19) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):
         pass
+    if not sched_idle:
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
     except (AttributeError, OSError):
         pass
 
 
-def run_in_idle_thread(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` in a short-lived thread at the lowest priority; its result, or its exception."""
+def _run_in_lowered_thread(sched_idle: bool, fn, args, kwargs, name: str):
     import threading
 
     out: dict = {}
 
     def work():
-        lower_this_thread()
+        lower_this_thread(sched_idle=sched_idle)
         try:
             out["value"] = fn(*args, **kwargs)
         except BaseException as e:  # handed back to the caller below
             out["error"] = e
 
-    t = threading.Thread(target=work, name="kdops-idle-work")
+    t = threading.Thread(target=work, name=name)
     t.start()
     t.join()
     if "error" in out:
         raise out["error"]
     return out["value"]
+
+
+def run_in_idle_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a short-lived thread at the lowest priority (nice 19 and SCHED_IDLE); its
+    result, or its exception."""
+    return _run_in_lowered_thread(True, fn, args, kwargs, "kdops-idle-work")
+
+
+def run_in_niced_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a short-lived thread at nice 19 (normal policy); its result, or its exception.
+
+    The priority ends with the thread: the caller's own never changes, so nothing has to be raised back
+    (which needs CAP_SYS_NICE). Normal policy rather than SCHED_IDLE for work that takes locks other threads of
+    the process wait on (the GIL): a SCHED_IDLE thread can be starved while holding one.
+    """
+    return _run_in_lowered_thread(False, fn, args, kwargs, "kdops-niced-work")
+
+
+@functools.lru_cache(maxsize=1)
+def can_raise_priority() -> bool:
+    """Whether this process may put a thread or process it reniced back to its priority: CAP_SYS_NICE (root
+    outside a container that dropped it), or an RLIMIT_NICE that allows it. Probed once, on a throwaway thread
+    (one step nicer, then back)."""
+    import os
+    import threading
+
+    if not hasattr(os, "setpriority"):
+        return False
+    out = {}
+
+    def probe():
+        tid = threading.get_native_id()
+        try:
+            before = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, before + 1)
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+            out["ok"] = True
+        except OSError:
+            out["ok"] = False
+
+    t = threading.Thread(target=probe, name="kdops-nice-probe")
+    t.start()
+    t.join()
+    return out.get("ok", False)

@@ -35,6 +35,7 @@ import numpy as np
 
 from serving.client import ServingClient, ServingError
 from kdops.hotreload import read_acks, slot_directory, wait_for_acks, write_request
+from kdops.proc import can_raise_priority, run_in_niced_thread
 from serving.export import (LM_IO, ExportConfig, artifact_kind, classifier_io, export_artifact, reload_compatible,
                             stage_reload, version_label, write_ensemble)
 
@@ -54,7 +55,7 @@ class SwapConfig:
     verify_local: bool = field(default=True, metadata={"help": "Also compare the slot's probabilities with kdops.predict on the same artifact."})
     atol: float = field(default=1e-4, metadata={"help": "Largest allowed |served - local| probability difference."})
     smoke_tokens: int = field(default=8, metadata={"help": "Generation models: greedy tokens per smoke prompt (served and local must agree exactly)."})
-    nice_loading: bool = field(default=False, metadata={"help": "Run the swap at nice 19: the calling thread, and (embedded server) the loading stub until ready. Serving keeps the CPU; swaps take longer on a busy box."})
+    nice_loading: bool = field(default=True, metadata={"help": "Run the swap at nice 19: in a thread of its own (the caller's priority is untouched) and, with the embedded server and the permission to renice it back, the loading stub until ready. Serving keeps the CPU; swaps take longer on a busy box."})
     drain_s: float = field(default=0.5, metadata={"help": "Seconds between switching and unloading the old slot (in-flight requests finish)."})
     standby: bool = field(default=True, metadata={"help": "Keep the previous slot loaded after a swap, so the next swap replaces its weights in place (kdops.hotreload) instead of starting a new stub process."})
     reload_timeout_s: float = field(default=120.0, metadata={"help": "How long an in-place reload may take before the swap loads a fresh stub instead."})
@@ -250,48 +251,23 @@ def _safe_unload(client: ServingClient, name: str) -> None:
         pass
 
 
-@contextmanager
-def _niced_thread(nice: int = 19):
-    """Run the calling thread (only it: Linux priorities are per thread) at ``nice`` and put it back after.
-
-    Why: the swap's own work (export, hashing, the local reference prediction of the smoke check) ran on
-    the cores the serving stub needs; measured on 2 cores it alone put requests at 2.5x the steady p99.
-    Raising the priority back needs CAP_SYS_NICE; without it the thread stays niced (harmless for a
-    thread that only swaps) and a debug line says so.
-    """
-    if not hasattr(os, "setpriority"):
-        yield
-        return
-    tid = threading.get_native_id()
-    before = os.getpriority(os.PRIO_PROCESS, tid)
-    os.setpriority(os.PRIO_PROCESS, tid, max(before, nice))
-    try:
-        yield
-    finally:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, before)
-        except PermissionError:
-            log.debug("swap thread stays at nice %d (no permission to raise it back)", nice)
-
-
 def hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | None = None,
              cfg: SwapConfig = SwapConfig(), note: str = "swap") -> SwapResult:
     """Serve ``artifact_dir`` under ``model`` without stopping traffic; raise SwapError and keep the old one on failure.
 
     ``target`` is a ``TritonServer`` (embedded) or a ``ServingClient`` with the admin key (then pass ``repo``,
-    the server's model repository as seen from here).
+    the server's model repository as seen from here). With ``cfg.nice_loading`` (the default) the swap runs in a
+    short-lived thread at nice 19: its own work (export, hashing, the local reference prediction of the smoke
+    check) ran on the cores the serving stub needs, and on 2 cores that alone put requests at 2.5x the steady
+    p99 (bench/README.md). The calling thread keeps its priority.
     """
-    with (_niced_thread() if cfg.nice_loading else nullcontext()):
-        return _hot_swap(target, model, artifact_dir, repo, cfg, note)
+    if cfg.nice_loading:
+        return run_in_niced_thread(_hot_swap, target, model, artifact_dir, repo, cfg, note)
+    return _hot_swap(target, model, artifact_dir, repo, cfg, note)
 
 
 def _hot_swap(target, model: str, artifact_dir: str | Path, repo: str | Path | None,
               cfg: SwapConfig, note: str) -> SwapResult:
-    """Serve ``artifact_dir`` under ``model`` without stopping traffic; raise SwapError and keep the old one on failure.
-
-    ``target`` is a ``TritonServer`` (embedded) or a ``ServingClient`` with the admin key (then pass ``repo``,
-    the server's model repository as seen from here).
-    """
     client, server_repo = _as_client(target)
     repo = Path(repo or server_repo or "")
     if not repo.is_dir():
@@ -373,6 +349,9 @@ def _fresh_load(target, client: ServingClient, repo: Path, slot: str, artifact_d
     t["export"] = time.perf_counter() - t0
     try:
         niced = cfg.nice_loading and hasattr(target, "pids") and getattr(target, "proc", None) is not None
+        if niced and not can_raise_priority():  # a stub left at nice 19 would serve at nice 19
+            log.info("%s: loading at normal priority (no permission to renice the stub back)", slot)
+            niced = False
         with (_niced_stub(target, f"/{slot}/{version}/model.py") if niced else nullcontext()):
             client.load(slot)
     except Exception as e:

@@ -113,6 +113,41 @@ def test_idle_thread_work_returns_results_and_raises_errors():
         run_in_idle_thread(lambda: {}["missing"])
 
 
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priorities")
+def test_niced_thread_work_runs_at_nice_19_and_leaves_the_caller_alone():
+    """What a swap runs in (SwapConfig.nice_loading): nice 19 under the normal policy, on its own thread."""
+    import threading
+
+    from kdops.proc import can_raise_priority, run_in_niced_thread
+
+    def state():
+        tid = threading.get_native_id()
+        return tid, os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(0)
+
+    caller = state()
+    tid, nice, policy = run_in_niced_thread(state)
+    assert tid != caller[0] and nice == 19 and policy == caller[2]  # not SCHED_IDLE: it may hold the GIL
+    assert state() == caller
+    assert run_in_niced_thread(lambda a, b: a * b, 4, b=5) == 20
+    with pytest.raises(ValueError, match="refused"):
+        run_in_niced_thread(lambda: (_ for _ in ()).throw(ValueError("refused")))
+    # What the swap relies on before renicing a loading stub: it can put a process of its own back afterwards.
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        os.setpriority(os.PRIO_PROCESS, child.pid, 19)
+        if can_raise_priority():
+            os.setpriority(os.PRIO_PROCESS, child.pid, caller[1])
+            assert os.getpriority(os.PRIO_PROCESS, child.pid) == caller[1]
+        else:
+            with pytest.raises(PermissionError):
+                os.setpriority(os.PRIO_PROCESS, child.pid, caller[1])
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
 def test_release_free_memory_gives_freed_heap_pages_back():
     """What a reload calls after dropping the old weights: freed heap blocks (below the mmap threshold, as

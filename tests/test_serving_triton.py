@@ -6,7 +6,9 @@ One server for the module (start ~2 s, each slot load ~3-10 s on 2 busy cores).
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 import time
 from dataclasses import replace
 
@@ -170,17 +172,20 @@ def test_swaps_reload_the_standby_slot_in_place_under_load(served, second_studen
     stubs = set(server.pids())
     anon = _client(server, key=False)
     threads = torch.get_num_threads()
-    niced = replace(cfg, nice_loading=True)  # the middle swap at nice 19, its local reference on one thread
+    assert cfg.nice_loading  # the default: in a thread of its own at nice 19, the local reference on one thread
+    plain = replace(cfg, nice_loading=False)  # the middle swap on the calling thread, at its priority
+    caller_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with traffic(lambda: anon.infer("student", ["good movie", "bad plot"])) as (errors, _):
         swaps = [hot_swap(server, "student", d, cfg=c)
-                 for d, c in ((tiny_student_dir, cfg), (second_student, niced), (tiny_student_dir, cfg))]
+                 for d, c in ((tiny_student_dir, cfg), (second_student, plain), (tiny_student_dir, cfg))]
         broken = tmp_path / "broken"
         shutil.copytree(second_student, broken)
         (broken / "model.safetensors").write_bytes(b"\x00" * 64)
         with pytest.raises(SwapError, match="could not load the new weights.*still serving"):
             hot_swap(server, "student", broken, cfg=cfg)
     assert errors == []
-    assert torch.get_num_threads() == threads  # the niced swap gave back torch's thread count
+    assert torch.get_num_threads() == threads  # the niced swaps gave back torch's thread count
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller_nice  # and left ours alone
     assert [s.method for s in swaps] == ["reload"] * 3
     assert [s.slot for s in swaps] == [swaps[0].slot, swaps[1].slot, swaps[0].slot] and swaps[0].slot != swaps[1].slot
     assert set(server.pids()) <= stubs  # no process started for any of the reloads
