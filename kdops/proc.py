@@ -7,6 +7,9 @@ their ports and databases. On Linux the kernel can deliver a signal to the child
 
 Caveat from prctl(2): "parent" is the *thread* that forked the child. Start servers from a thread that
 lives as long as they should (the main thread, in kdops).
+
+Also here, for work beside a server on the same cores: short-lived threads at a lower priority
+(``run_in_idle_thread``, ``run_in_niced_thread``), and giving freed heap pages back (``release_free_memory``).
 """
 
 from __future__ import annotations
