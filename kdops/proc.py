@@ -83,15 +83,17 @@ def lower_this_thread(nice: int = 19, sched_idle: bool = True) -> None:
         pass
 
 
-def _run_in_lowered_thread(sched_idle: bool, fn, args, kwargs, name: str):
+def _on_a_new_thread(fn, name: str, first=None):
+    """``fn()`` on a short-lived thread (after ``first()`` there, when given); its result, or its exception."""
     import threading
 
     out: dict = {}
 
     def work():
-        lower_this_thread(sched_idle=sched_idle)
+        if first is not None:
+            first()
         try:
-            out["value"] = fn(*args, **kwargs)
+            out["value"] = fn()
         except BaseException as e:  # handed back to the caller below
             out["error"] = e
 
@@ -106,7 +108,7 @@ def _run_in_lowered_thread(sched_idle: bool, fn, args, kwargs, name: str):
 def run_in_idle_thread(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` in a short-lived thread at the lowest priority (nice 19 and SCHED_IDLE); its
     result, or its exception."""
-    return _run_in_lowered_thread(True, fn, args, kwargs, "kdops-idle-work")
+    return _on_a_new_thread(lambda: fn(*args, **kwargs), "kdops-idle-work", lower_this_thread)
 
 
 def run_in_niced_thread(fn, *args, **kwargs):
@@ -116,7 +118,8 @@ def run_in_niced_thread(fn, *args, **kwargs):
     (which needs CAP_SYS_NICE). Normal policy rather than SCHED_IDLE for work that takes locks other threads of
     the process wait on (the GIL): a SCHED_IDLE thread can be starved while holding one.
     """
-    return _run_in_lowered_thread(False, fn, args, kwargs, "kdops-niced-work")
+    return _on_a_new_thread(lambda: fn(*args, **kwargs), "kdops-niced-work",
+                            lambda: lower_this_thread(sched_idle=False))
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,19 +132,15 @@ def can_raise_priority() -> bool:
 
     if not hasattr(os, "setpriority"):
         return False
-    out = {}
 
-    def probe():
+    def probe() -> bool:
         tid = threading.get_native_id()
         try:
             before = os.getpriority(os.PRIO_PROCESS, tid)
             os.setpriority(os.PRIO_PROCESS, tid, before + 1)
             os.setpriority(os.PRIO_PROCESS, tid, before)
-            out["ok"] = True
+            return True
         except OSError:
-            out["ok"] = False
+            return False
 
-    t = threading.Thread(target=probe, name="kdops-nice-probe")
-    t.start()
-    t.join()
-    return out.get("ok", False)
+    return _on_a_new_thread(probe, "kdops-nice-probe")
