@@ -1,19 +1,27 @@
-"""Student artifacts on disk: safetensors weights plus JSON, never pickle.
+"""Model artifacts on disk: safetensors weights plus JSON, never pickle; one value, one reader, one writer.
 
-A student directory holds:
-- ``model.safetensors``: the weights;
-- ``student_config.json``: the ``StudentConfig`` (not config.json, which transformers would try to read);
-- ``kdops.json``: label names, max length, lineage (teacher id, snapshot ids, loss config, parent) and the
-  SHA-256 of the weights, checked on every load so that a corrupt or swapped file fails loudly;
-- the tokenizer files (``tokenizer.json`` ...), as ``save_pretrained`` writes them.
+Every artifact directory (a classifier student, a causal-LM student) holds its weights (``*.safetensors``),
+its tokenizer files and ``kdops.json``:
+
+    {"schema": 2, "kind": "classifier" | "causal-lm", "label_names": [...], "max_length": N,
+     "sha256": {file: digest}, "lineage": {teacher_id, snapshot_ids, cache_key, parent_version,
+     code_version, config, details}, "extra": {...}}
+
+``Artifact.read`` is the only reader; it migrates the two older layouts (a classifier's ``weights_sha256`` and
+lineage vocabulary, an LM's ``parent_artifact`` / ``distill``) on read. ``write_artifact`` is the only writer.
+What differs between kinds (how weights become a model) lives in ``kdops.kinds``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import subprocess
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -23,28 +31,128 @@ from kdops.paths import atomic_dir
 from kdops.student import StudentConfig, StudentModel
 
 WEIGHTS, CONFIG, META = "model.safetensors", "student_config.json", "kdops.json"
+SCHEMA = 2
 
 
 class ArtifactError(RuntimeError):
     """A model artifact that is missing, incomplete or corrupt."""
 
 
-@dataclass
-class StudentMeta:
-    label_names: list[str]
-    max_length: int = 128
-    lineage: dict = field(default_factory=dict)
-    weights_sha256: str = ""
-    kind: str = "classifier"
+class Kind(str, Enum):
+    """The task kinds kdops distils. ``kdops.kinds`` maps each to its implementation."""
+
+    CLASSIFIER = "classifier"
+    CAUSAL_LM = "causal-lm"
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of the kdops checkout (``+dirty`` when tracked files changed), or ``unknown``: the one
+    code version both an artifact's and the registry's lineage record."""
+    repo = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD"], capture_output=True,
+                               timeout=10).returncode != 0
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where an artifact came from: one schema for every kind."""
+
+    teacher_id: str = field(default="", metadata={"help": "Content id of the teacher whose outputs it learned."})
+    snapshot_ids: dict[str, Any] = field(default_factory=dict, metadata={"help": "Snapshots by role (train, eval, replay)."})
+    cache_key: str = field(default="", metadata={"help": "Key of the teacher outputs it trained on (soft-label cache)."})
+    parent_version: int | None = field(default=None, metadata={"help": "Registry version it continued (None: a first round)."})
+    code_version: str = field(default="", metadata={"help": "kdops commit that trained it."})
+    config: dict[str, Any] = field(default_factory=dict, metadata={"help": "The round's recipe (distillation config, shape)."})
+    details: dict[str, Any] = field(default_factory=dict, metadata={"help": "Kind-specific facts (kept layers, replay rows, tail fit)."})
 
     def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "label_names": self.label_names,
-            "max_length": self.max_length,
-            "lineage": self.lineage,
-            "weights_sha256": self.weights_sha256,
-        }
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Lineage":
+        """Today's schema, or either older vocabulary migrated (unknown keys land in ``details``)."""
+        d = dict(d or {})
+        details = dict(d.pop("details", None) or {})
+        renames = {"soft_label_cache_key": "cache_key", "distill_config": "config", "distill": "config"}
+        for old, new in renames.items():
+            if old in d:
+                d.setdefault(new, d.pop(old))
+        known = {f for f in cls.__dataclass_fields__}
+        for k in [k for k in d if k not in known]:
+            details[k] = d.pop(k)
+        parent = d.get("parent_version")
+        d["parent_version"] = int(parent) if parent not in (None, "", "None") else None
+        d["snapshot_ids"] = dict(d.get("snapshot_ids") or {})
+        d["config"] = dict(d.get("config") or {})
+        return cls(**{k: v for k, v in d.items() if k in known}, details=details)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A model directory on disk and what its ``kdops.json`` says about it. Read once, passed down."""
+
+    path: Path
+    kind: Kind
+    sha256: dict[str, str]
+    lineage: Lineage = field(default_factory=Lineage)
+    label_names: tuple[str, ...] = ()
+    max_length: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.sha256.get(WEIGHTS, "")
+
+    def to_meta(self) -> dict:
+        return {"schema": SCHEMA, "kind": self.kind.value, "label_names": list(self.label_names),
+                "max_length": self.max_length, "sha256": self.sha256, "lineage": self.lineage.to_dict(),
+                "extra": self.extra}
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Artifact":
+        """Read ``kdops.json`` (any schema); ArtifactError names what is wrong."""
+        directory = Path(directory)
+        try:
+            d = json.loads((directory / META).read_text())
+        except FileNotFoundError as e:
+            raise ArtifactError(f"{directory}: not a kdops artifact ({META} missing).") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{directory}/{META} is not valid JSON ({e}).") from e
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{directory}/{META} is not a JSON object.")
+        try:
+            kind = Kind(d.get("kind", Kind.CLASSIFIER.value))
+        except ValueError as e:
+            raise ArtifactError(f"{directory}/{META}: unknown kind {d.get('kind')!r}.") from e
+        sha = dict(d.get("sha256") or {})
+        if d.get("weights_sha256"):  # schema 1 classifier
+            sha.setdefault(WEIGHTS, d["weights_sha256"])
+        if kind is Kind.CLASSIFIER and "label_names" not in d:
+            raise ArtifactError(f"{directory}/{META}: no label_names; not a kdops classifier student.")
+        lineage = Lineage.from_dict(d.get("lineage"))
+        extra = dict(d.get("extra") or {k: d[k] for k in ("full_vocab_size", "trimmed_vocab", "num_parameters") if k in d})
+        max_length = int(d.get("max_length") or lineage.details.get("max_length") or 0)
+        return cls(directory, kind, sha, lineage, tuple(d.get("label_names") or ()), max_length, extra)
+
+    def verify(self) -> None:
+        """Raise ArtifactError unless every recorded file exists with its recorded digest."""
+        for name, digest in self.sha256.items():
+            path = self.path / name
+            if not path.is_file():
+                raise ArtifactError(f"{path} missing.")
+            if digest and file_sha256(path) != digest:
+                raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt or was replaced.")
+
+
+def read_artifact(directory: str | Path) -> Artifact:
+    return Artifact.read(directory)
 
 
 def file_sha256(path: Path) -> str:
@@ -55,56 +163,54 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_student(directory: str | Path, model: StudentModel, tokenizer, meta: StudentMeta) -> Path:
-    """Write a student atomically: into a temporary sibling, then renamed into place."""
+def write_artifact(directory: str | Path, kind: Kind, lineage: Lineage, label_names=(), max_length: int = 0,
+                   extra: dict | None = None) -> Artifact:
+    """The one writer of ``kdops.json``, called inside ``atomic_dir`` once the weights are written: hashes every
+    ``*.safetensors`` file there, fills in the code version, and returns the value."""
+    directory = Path(directory)
+    sha = {p.name: file_sha256(p) for p in sorted(directory.glob("*.safetensors"))}
+    if WEIGHTS not in sha:
+        raise ArtifactError(f"{directory}: {WEIGHTS} must be written before the metadata.")
+    if not lineage.code_version:
+        lineage = replace(lineage, code_version=code_version())
+    art = Artifact(directory, Kind(kind), sha, lineage, tuple(label_names), int(max_length), dict(extra or {}))
+    (directory / META).write_text(json.dumps(art.to_meta(), indent=2, default=str))
+    return art
+
+
+# -- the classifier student's weights ------------------------------------------------------------------
+
+
+def save_student(directory: str | Path, model: StudentModel, tokenizer, label_names, max_length: int,
+                 lineage: Lineage) -> Artifact:
+    """Write a classifier student atomically: into a temporary sibling, then renamed into place."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(model.config.to_json())
-        meta.weights_sha256 = file_sha256(tmp / WEIGHTS)
-        (tmp / META).write_text(json.dumps(meta.to_dict(), indent=2, default=str))
         tokenizer.save_pretrained(str(tmp))
-    return directory
+        art = write_artifact(tmp, Kind.CLASSIFIER, lineage, label_names, max_length,
+                             {"num_parameters": sum(p.numel() for p in model.parameters())})
+    return replace(art, path=directory)
 
 
-def read_meta(directory: str | Path) -> StudentMeta:
-    """The kdops.json of a classifier student or (kind ``causal-lm``) of an LM student."""
-    directory = Path(directory)
-    try:
-        d = json.loads((directory / META).read_text())
-    except FileNotFoundError as e:
-        raise ArtifactError(f"{directory}: not a kdops student ({META} missing).") from e
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{directory}/{META} is not valid JSON ({e}).") from e
-    if not isinstance(d, dict):
-        raise ArtifactError(f"{directory}/{META} is not a JSON object.")
-    if d.get("kind") == "causal-lm":  # kdops.lm.student.save_lm_student: no labels, hashes per file
-        return StudentMeta(label_names=[], max_length=0, lineage=d.get("lineage", {}), kind="causal-lm",
-                           weights_sha256=d.get("sha256", {}).get(WEIGHTS, ""))
-    if "label_names" not in d:
-        raise ArtifactError(f"{directory}/{META}: no label_names; not a kdops classifier student.")
-    return StudentMeta(
-        label_names=list(d["label_names"]), max_length=int(d.get("max_length", 128)),
-        lineage=d.get("lineage", {}), weights_sha256=d.get("weights_sha256", ""), kind=d.get("kind", "classifier"),
-    )
-
-
-def load_student(directory: str | Path, device: str | torch.device = "cpu", verify: bool = True):
-    """Load ``(model, tokenizer, meta)``; raise ArtifactError with the reason if anything is wrong."""
+def load_student(directory: str | Path | Artifact, device: str | torch.device = "cpu", verify: bool = True):
+    """Load ``(model, tokenizer, artifact)`` of a classifier student; ArtifactError with the reason otherwise."""
     from transformers import AutoTokenizer
 
-    directory = Path(directory)
+    art = directory if isinstance(directory, Artifact) else None
+    directory = art.path if art else Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such model directory.")
-    meta = read_meta(directory)
-    if meta.kind != "classifier":
-        raise ArtifactError(f"{directory}: a {meta.kind} student; load it with kdops.lm.student.load_lm_student.")
+    art = art or Artifact.read(directory)
+    if art.kind is not Kind.CLASSIFIER:
+        raise ArtifactError(f"{directory}: a {art.kind.value} artifact, not a classifier student.")
     weights = directory / WEIGHTS
     if not weights.exists():
         raise ArtifactError(f"{directory}: {WEIGHTS} missing.")
-    if verify and meta.weights_sha256 and file_sha256(weights) != meta.weights_sha256:
-        raise ArtifactError(f"{weights}: checksum mismatch; the file is corrupt or was replaced.")
+    if verify:
+        art.verify()
     try:
         cfg = StudentConfig.from_dict(json.loads((directory / CONFIG).read_text()))
     except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError) as e:
@@ -122,4 +228,7 @@ def load_student(directory: str | Path, device: str | torch.device = "cpu", veri
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:  # tokenizers raise many types for broken files
         raise ArtifactError(f"{directory}: tokenizer files unusable ({e}).") from e
-    return model.to(device).eval(), tokenizer, meta
+    return model.to(device).eval(), tokenizer, art
+
+
+read_meta = read_artifact  # the name callers used before the Artifact value; kept while they move over

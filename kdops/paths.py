@@ -1,10 +1,17 @@
-"""Where kdops keeps its state. Nothing is created on import: callers ask for a directory and get it."""
+"""Where kdops keeps its state. Nothing is created on import: callers ask for a directory and get it.
+
+``Home`` names every path under ``$KDOPS_HOME`` once, so no caller rebuilds ``Path(home) / "..."`` strings;
+``atomic_write`` and ``atomic_dir`` are the one way a file or a directory is replaced.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,14 +30,135 @@ def subdir(name: str, root: Path | None = None) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Home:
+    """Every path under one kdops data directory. Properties name paths; nothing is created until written."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "Home":
+        return cls(home())
+
+    @classmethod
+    def at(cls, root: str | Path) -> "Home":
+        return cls(Path(root).expanduser().resolve())
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    # data and caches
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def soft_labels(self) -> Path:
+        """The classifier teachers' logits cache (SQLite), per (teacher id, text hash)."""
+        return self.root / "soft_labels.sqlite"
+
+    @property
+    def lm_soft_labels(self) -> Path:
+        """The causal-LM teachers' top-k and generations cache (SQLite), per (teacher id, sequence)."""
+        return self.root / "lm_soft_labels.sqlite"
+
+    @property
+    def replay(self) -> Path:
+        return self.root / "replay"
+
+    @property
+    def teachers(self) -> Path:
+        return self.root / "teachers"
+
+    def students(self, kind_dir: str = "students") -> Path:
+        """Where a kind's round artifacts go (``students``, ``lm_students``), one directory per round key."""
+        return self.root / kind_dir
+
+    def checkpoints(self, key: str) -> Path:
+        return self.root / "checkpoints" / key
+
+    # servers and stores
+    @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def tracking_uri(self) -> str:
+        """``$MLFLOW_TRACKING_URI``, else the embedded SQLite store under this home."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow / 'mlflow.db'}"
+
+    def downloads(self, model: str, version: int) -> Path:
+        return self.mlflow / "downloads" / model / f"v{version}"
+
+    @property
+    def prefect(self) -> Path:
+        return self.root / "prefect"
+
+    @property
+    def triton(self) -> Path:
+        return self.root / "triton"
+
+    @property
+    def triton_repo(self) -> Path:
+        return self.root / "triton-repo"
+
+    def predictions(self, suffix: str = "") -> Path:
+        return self.root / f"predictions{suffix}"
+
+    # the loop
+    @property
+    def monitoring(self) -> Path:
+        return self.root / "monitoring"
+
+    @property
+    def review_db(self) -> Path:
+        return self.root / "review.sqlite"
+
+    @property
+    def loop_state(self) -> Path:
+        return self.root / "loop" / "state.json"
+
+    def reference(self, version: int) -> Path:
+        """The champion's cached monitoring reference profile."""
+        return self.root / "loop" / "reference" / f"v{version}"
+
+    @property
+    def demo(self) -> Path:
+        return self.root / "demo"
+
+
+def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
+    """Replace ``path`` with ``data`` (text, bytes, or a JSON value) through a unique temporary sibling: a
+    reader or a crash never sees half a file, and two writers never share a temporary name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, (dict, list)):
+        data = json.dumps(data, indent=2, default=str)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_json(path: str | Path, default=None):
+    """A JSON file's value, or ``default`` when the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else default
+
+
 @contextmanager
 def atomic_dir(directory: str | Path) -> Iterator[Path]:
-    """Build a directory atomically: write into the fresh sibling ``<name>.partial`` this yields; when the block
-    ends it replaces ``directory``, and if the block raises it is removed. A crash never leaves a half-written
-    model under the real name (which is what the caches and loaders test for)."""
+    """Build a directory atomically: write into a fresh, unique sibling ``<name>.partial-<id>`` this yields;
+    when the block ends it replaces ``directory``, and if the block raises it is removed. A crash never leaves
+    a half-written model under the real name, and two processes never write into the same temporary."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = directory.with_name(f"{directory.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     tmp.mkdir(parents=True)
     try:
         yield tmp

@@ -339,7 +339,8 @@ class Registry:
             if existing is not None:
                 return existing
             self._ensure_model(name)
-            lin = {**meta.lineage, **(lineage or {})}
+            lin = {**meta.lineage.to_dict(), **(lineage or {})}
+            lin = {k: v for k, v in lin.items() if v not in (None, "", {})}
             lin.setdefault("parent_version", self.champion(name))
             lin.setdefault("code_version", code_version())
             tags = {f"{LINEAGE_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v, default=str)

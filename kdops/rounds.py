@@ -8,14 +8,13 @@ sample, and the result is a safetensors artifact whose ``kdops.json`` names ever
 from __future__ import annotations
 
 import logging
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kdops.artifacts import StudentMeta, load_student, save_student
+from kdops.artifacts import Lineage, load_student, save_student
 from kdops.distill import DistillConfig, DistillData, DistillResult, distill
 from kdops.replay import ReplayBuffer
 from kdops.soft_labels import SoftLabelCache
@@ -54,14 +53,6 @@ def build_student(teacher, shape: StudentShape, num_labels: int) -> StudentModel
     return StudentModel(cfg)
 
 
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 @dataclass
 class RoundResult:
     artifact: Path
@@ -70,7 +61,7 @@ class RoundResult:
     soft_label_key: str
     train_rows: int
     replay_rows: int
-    lineage: dict
+    lineage: Lineage
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,7 +109,7 @@ def run_round(
 
     if champion_dir is not None:
         student, tokenizer, meta = load_student(champion_dir)
-        if meta.label_names != label_names:
+        if list(meta.label_names) != label_names:
             raise ValueError(f"champion labels {meta.label_names} differ from the teacher's {label_names}.")
         student.train()
     else:
@@ -128,19 +119,14 @@ def run_round(
     if replay is not None:
         replay.add(new_rows)
     key = cache.key(teacher.id, texts)
-    lineage = {
-        "teacher_id": teacher.id,
-        "snapshot_ids": snapshot_ids or {},
-        "soft_label_cache_key": key,
-        "parent": str(champion_dir) if champion_dir else None,
-        "parent_version": parent_version,
-        "incremental": champion_dir is not None,
-        "replay_rows": n_replay,
-        "distill_config": cfg.to_dict(),
-        "student_shape": asdict(shape) if champion_dir is None else None,
-        "code_version": code_version(),
-    }
-    save_student(out_dir, student, tokenizer, StudentMeta(label_names=label_names, max_length=cfg.max_length, lineage=lineage))
+    lineage = Lineage(
+        teacher_id=teacher.id, snapshot_ids=snapshot_ids or {}, cache_key=key,
+        parent_version=int(parent_version) if parent_version not in (None, "") else None,
+        config={"distill": cfg.to_dict(), "shape": asdict(shape)},
+        details={"parent_artifact": str(champion_dir) if champion_dir else None, "incremental": champion_dir is not None,
+                 "replay_rows": n_replay},
+    )
+    save_student(out_dir, student, tokenizer, label_names, cfg.max_length, lineage)
     log.info("student saved to %s (%d rows, %d replayed)", out_dir, len(new_rows), n_replay)
     return RoundResult(out_dir, result, cache.stats.to_dict(), key, len(new_rows), n_replay, lineage)
 

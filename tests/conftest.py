@@ -66,13 +66,13 @@ def tiny_teacher(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory, tiny_tokenizer, tiny_teacher) -> Path:
     """A saved student artifact (safetensors + JSON + tokenizer) carved from the tiny teacher."""
-    from kdops.artifacts import StudentMeta, save_student
+    from kdops.artifacts import Lineage, save_student
     from kdops.student import from_teacher
 
     student = from_teacher(tiny_teacher, num_labels=2, layers=[1], embedding_size=16)
     out = tmp_path_factory.mktemp("students") / "tiny"
-    meta = StudentMeta(label_names=["neg", "pos"], max_length=32, lineage={"teacher_id": "tiny-teacher"})
-    return save_student(out, student, tiny_tokenizer, meta)
+    save_student(out, student, tiny_tokenizer, ["neg", "pos"], 32, Lineage(teacher_id="tiny-teacher"))
+    return out
 
 
 @pytest.fixture
@@ -108,10 +108,11 @@ def make_tiny_lm(vocab_size: int, layers: int = 2, seed: int = 0):
 
 
 def save_tiny_lm_student(directory: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
+    from kdops.artifacts import Lineage
     from kdops.lm.student import LMStudent, save_lm_student
 
     model = make_tiny_lm(len(tokenizer), layers, seed)
-    return save_lm_student(directory, LMStudent(model, len(tokenizer)), tokenizer, lineage={"teacher_id": "tiny-lm"})
+    return save_lm_student(directory, LMStudent(model, len(tokenizer)), tokenizer, lineage=Lineage(teacher_id="tiny-lm")).path
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kdops.artifacts import ArtifactError, StudentMeta, load_student, save_student
+from kdops.artifacts import ArtifactError, Lineage, load_student, save_student
 from kdops.distill import DistillConfig, DistillData, LossConfig, distill
 from kdops.evaluate import evaluate, expected_calibration_error, js_divergence, macro_f1, perturb
 from kdops.gate import GateThresholds, gate
@@ -69,9 +69,9 @@ def test_config_validation():
 
 def test_artifact_round_trip_and_corruption(tmp_path, tiny_teacher, tiny_tokenizer):
     s = from_teacher(tiny_teacher, 2, [1])
-    d = save_student(tmp_path / "s", s, tiny_tokenizer, StudentMeta(["neg", "pos"], lineage={"teacher_id": "t"}))
+    d = save_student(tmp_path / "s", s, tiny_tokenizer, ["neg", "pos"], 128, Lineage(teacher_id="t")).path
     m, tok, meta = load_student(d)
-    assert meta.lineage["teacher_id"] == "t"
+    assert meta.lineage.teacher_id == "t"
     for k, v in s.state_dict().items():
         torch.testing.assert_close(v, m.state_dict()[k])
     raw = bytearray((d / "model.safetensors").read_bytes())

@@ -73,13 +73,13 @@ def test_lm_loop_register_serve_continue_and_reject(tmp_path, monkeypatch, harne
     reg = Registry(tracking_uri=ctx.tracking_uri)
     assert reg.champion("lm") == r1["version"]
     lineage = reg.lineage("lm", r1["version"])
-    assert lineage["layers"] == [0, 3] and lineage["snapshot_ids"]["train"] == train1
-    assert lineage["tail"]["prior"] in ("uniform", "zipf")  # the dropped-id tail was fitted on the round's text
+    assert lineage["details"]["layers"] == [0, 3] and lineage["snapshot_ids"]["train"] == train1
+    assert lineage["details"]["tail"]["prior"] in ("uniform", "zipf")  # the dropped-id tail was fitted on the round's text
     prompts = ["the movie was", "where is the"]
     served = ServingClient(triton.url).generate("lm", prompts, max_tokens=5, temperature=0.0)
     assert served.texts == [g.text for g in LMGenerator.from_dir(r1["artifact"]).generate(prompts, 5, 0.0)]
     student, _, meta = reg.load("lm", "champion")  # the registry hands back an LM student, not a classifier
-    assert meta["kind"] == "causal-lm" and student.num_parameters() == r1["summary"]["student_params"]
+    assert meta.kind == "causal-lm" and student.num_parameters() == r1["summary"]["student_params"]
     assert student.trimmed and float(student.tail_logprob.exp().sum()) == pytest.approx(
         student.keep_ids.numel() + 1.0, abs=1e-3)  # exp(0) at kept ids, + a distribution over the dropped ones
 

@@ -83,7 +83,7 @@ def test_unreadable_or_invalid_requests_are_ignored(tmp_path):
 
 
 def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_student_dir, tiny_tokenizer):
-    from kdops.artifacts import StudentMeta, save_student
+    from kdops.artifacts import Lineage, save_student
     from kdops.student import from_teacher
     from serving.export import ExportConfig, export_student, reload_compatible
     from tests.conftest import make_teacher
@@ -95,7 +95,7 @@ def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_studen
     assert not reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig(max_queue_delay_us=500))
     three = save_student(tmp_path / "three", from_teacher(make_teacher(tiny_tokenizer), num_labels=3, layers=[0],
                                                           embedding_size=16),
-                         tiny_tokenizer, StudentMeta(label_names=["a", "b", "c"], max_length=32))
+                         tiny_tokenizer, ["a", "b", "c"], 32, Lineage()).path
     assert not reload_compatible(three, repo, "m__s0", 3, ExportConfig())  # other outputs: a fresh load
     (repo / "m__s0" / "3" / "model.py").write_text("# older code\n")
     assert not reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig())

@@ -50,7 +50,7 @@ def test_distil_real_slice_student_tracks_teacher(tmp_path, tiny_real_teacher):
     assert student_acc > 0.58, student_acc  # the student beats chance (balanced classes)...
     assert rep.agreement > 0.75, rep.agreement  # ...and tracks its teacher
     meta = json.loads((res.artifact / "kdops.json").read_text())
-    assert meta["lineage"]["teacher_id"] == teacher.id and meta["lineage"]["soft_label_cache_key"] == res.soft_label_key
+    assert meta["lineage"]["teacher_id"] == teacher.id and meta["lineage"]["cache_key"] == res.soft_label_key
 
     # incremental round on unlabelled tweets: champion + replay, labels come only from the teacher
     tweets = corpora.load("sentiment", split="train", domains=("tweets",), limit_per_domain=300, seed=2).rows.assign(label=None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdops.artifacts import ArtifactError
+from kdops.artifacts import ArtifactError, Lineage
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import LMReport, perplexity, top1_agreement
@@ -114,7 +114,7 @@ def test_width_pruning_drops_the_neurons_that_never_fire(tmp_path, monkeypatch):
         assert not torch.allclose(student(x), before, atol=1e-4)
     # the narrower shape travels with the artifact
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda p: "tok"))
-    loaded, _, _ = load_lm_student(save_lm_student(tmp_path / "w", student, TinyTokenizer()))
+    loaded, _, _ = load_lm_student(save_lm_student(tmp_path / "w", student, TinyTokenizer(), Lineage()).path)
     assert loaded.config.intermediate_size == 40 and torch.allclose(loaded(x), student(x), atol=1e-6)
     with pytest.raises(ValueError, match="intermediate"):
         prune_mlp(student, 41, seqs)  # wider than what is left
@@ -211,11 +211,11 @@ def test_save_load_round_trip_and_checksum(tmp_path, monkeypatch):
     import transformers
 
     student = prune_layers(tiny_llama(3), [0, 2], keep_ids=list(range(50)))
-    d = save_lm_student(tmp_path / "s", student, TinyTokenizer(), lineage={"teacher_id": "tiny"})
+    d = save_lm_student(tmp_path / "s", student, TinyTokenizer(), lineage=Lineage(teacher_id="tiny")).path
     assert (d / "model.safetensors").exists() and (d / "vocab_map.safetensors").exists()
     assert not list(d.glob("*.bin")) and not list(d.glob("*.pt"))  # no pickle anywhere
     meta = json.loads((d / "kdops.json").read_text())
-    assert meta["lineage"]["teacher_id"] == "tiny" and meta["trimmed_vocab"]
+    assert meta["schema"] == 2 and meta["lineage"]["teacher_id"] == "tiny" and meta["extra"]["trimmed_vocab"]
     # the stub tokenizer is not an HF tokenizer: stand in for AutoTokenizer during the load
     # (patched on the class: replacing the name transformers.AutoTokenizer did not reach load_lm_student when this
     # test ran alone, with -k; the lazy module's exact behaviour there was not pinned down)
@@ -229,7 +229,7 @@ def test_save_load_round_trip_and_checksum(tmp_path, monkeypatch):
     tail = torch.zeros(V)
     tail[50:] = torch.log_softmax(-torch.arange(V - 50, dtype=torch.float32), 0)
     student.set_tail(tail)
-    loaded, _, _ = load_lm_student(save_lm_student(tmp_path / "t", student, TinyTokenizer()))
+    loaded, _, _ = load_lm_student(save_lm_student(tmp_path / "t", student, TinyTokenizer(), Lineage()).path)
     assert torch.equal(loaded.tail_logprob, tail)
     full = torch.arange(V).expand(1, 4, V)
     with torch.no_grad():
@@ -315,9 +315,9 @@ def test_lm_artifact_is_told_apart_from_a_classifier(tmp_path):
     from kdops.artifacts import load_student, read_meta
     from serving.export import artifact_kind, export_artifact, export_student
 
-    d = save_lm_student(tmp_path / "s", LMStudent(tiny_llama(2), V), TinyTokenizer(), lineage={"teacher_id": "t"})
+    d = save_lm_student(tmp_path / "s", LMStudent(tiny_llama(2), V), TinyTokenizer(), lineage=Lineage(teacher_id="t")).path
     meta = read_meta(d)
-    assert meta.kind == "causal-lm" and len(meta.weights_sha256) == 64 and meta.lineage["teacher_id"] == "t"
+    assert meta.kind == "causal-lm" and len(meta.weights_sha256) == 64 and meta.lineage.teacher_id == "t"
     assert artifact_kind(d) == "causal-lm"
     with pytest.raises(ArtifactError, match="causal-lm"):
         load_student(d)
@@ -478,9 +478,9 @@ def test_context_tail_head_calibrates_other_and_travels_with_the_artifact(tmp_pa
     # (patched on the class: replacing the name transformers.AutoTokenizer did not reach load_lm_student when this
     # test ran alone, with -k; the lazy module's exact behaviour there was not pinned down)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda p: "tok"))
-    d = save_lm_student(tmp_path / "s", student, TinyTokenizer())
+    d = save_lm_student(tmp_path / "s", student, TinyTokenizer(), Lineage()).path
     loaded, _, meta = load_lm_student(d)
-    assert meta["num_parameters"] == loaded.num_parameters() == student.num_parameters()
+    assert meta.extra["num_parameters"] == loaded.num_parameters() == student.num_parameters()
     assert perplexity(loaded, held)["ppl"] == pytest.approx(perplexity(student, held)["ppl"], rel=1e-5)
     # a head whose tensors do not fit the student is refused with the reason, not half-loaded
     from safetensors.torch import load_file, save_file
@@ -515,7 +515,7 @@ def test_lm_round_fits_the_context_tail_on_a_share_of_its_text(tmp_path, tiny_lm
                        max_length=16, progress=False,
                        tail=tail, monitor_texts=() if holdout else texts[:3])
     student, _, meta = load_lm_student(res.artifact)
-    lin = meta["lineage"]
+    lin = meta.lineage.details
     assert lin["calibration_sequences"] == 6 and lin["calibration_held_out"] is holdout
     assert lin["intermediate"] == student.config.intermediate_size == (48 if holdout else 64)  # width-pruned if asked
     assert lin["sequences"] == (54 if holdout else 60)  # held out of distillation only when asked

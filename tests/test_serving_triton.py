@@ -23,13 +23,13 @@ tritonclient = pytest.importorskip("tritonclient.http")
 
 @pytest.fixture(scope="module")
 def second_student(tmp_path_factory, tiny_tokenizer):
-    from kdops.artifacts import StudentMeta, save_student
+    from kdops.artifacts import Lineage, save_student
     from kdops.student import from_teacher
     from tests.conftest import make_teacher
 
     student = from_teacher(make_teacher(tiny_tokenizer, seed=1), num_labels=2, layers=[1], embedding_size=16)
-    meta = StudentMeta(label_names=["neg", "pos"], max_length=32)
-    return save_student(tmp_path_factory.mktemp("students2") / "tiny2", student, tiny_tokenizer, meta)
+    return save_student(tmp_path_factory.mktemp("students2") / "tiny2", student, tiny_tokenizer, ["neg", "pos"], 32,
+                        Lineage()).path
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from kdops.artifacts import Lineage
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import (LMEvalConfig, LMReport, measure_generation, measure_generation_paired, perplexity,
@@ -70,7 +71,7 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
     student = None
     if champion_dir is not None:
         student, _, meta = load_lm_student(champion_dir, device=device)
-        layers = meta.get("lineage", {}).get("layers")
+        layers = meta.lineage.details.get("layers")
     trimmed = student.trimmed if student is not None else shape.trim_vocab is not None
     # The context head is fitted on a seeded share of this round's sentences; with tail.holdout they are also
     # held out of distillation (and out of the kept vocabulary), and the student's perplexity on them is
@@ -119,14 +120,18 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
             if head_info["installed"]:  # it beat the context-free tail on held-out positions
                 student.set_tail(hfit.tail_logprob)
                 student.set_head(hfit.head)
-    lin = {"teacher_id": teacher.id, "layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
-           "intermediate": int(student.config.intermediate_size),
-           "parent_artifact": str(champion_dir) if champion_dir else None, "distill": res["config"],
-           "sequences": len(seqs), "replay": len(replay), "max_length": max_length, "tail": tail_info,
-           "tail_head": head_info, "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,
-           "monitor_sequences": len(monitor_texts),
-           **(lineage or {})}
-    out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin)
+    lin = dict(lineage or {})
+    lin = Lineage(
+        teacher_id=teacher.id, snapshot_ids=lin.pop("snapshot_ids", {}), cache_key=lin.pop("cache_key", ""),
+        parent_version=lin.pop("parent_version", None), config={"distill": res["config"], "shape": asdict(shape)},
+        details={"layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
+                 "intermediate": int(student.config.intermediate_size),
+                 "parent_artifact": str(champion_dir) if champion_dir else None, "sequences": len(seqs),
+                 "replay": len(replay), "tail": tail_info, "tail_head": head_info,
+                 "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,
+                 "monitor_sequences": len(monitor_texts), **lin},
+    )
+    out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin, max_length=max_length).path
     info = {k: v for k, v in res.items() if k != "history"}
     info.update(layers=layers, tail=tail_info, tail_head=head_info, calibration_sequences=len(calibration),
                 seconds=round(time.perf_counter() - t0, 1))

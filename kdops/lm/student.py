@@ -24,7 +24,7 @@ safetensors + config + tokenizer + ``kdops.json`` lineage with a SHA-256 check (
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,11 +33,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdops.artifacts import ArtifactError, file_sha256
+from kdops.artifacts import Artifact, ArtifactError, Kind, Lineage, write_artifact
 from kdops.lm.tail import TailHead, uniform_tail
 from kdops.paths import atomic_dir
 
-WEIGHTS, VOCAB_MAP, META = "model.safetensors", "vocab_map.safetensors", "kdops.json"
+VOCAB_MAP = "vocab_map.safetensors"
 
 
 def select_layers(num_teacher_layers: int, num_layers: int, strategy: str = "first_last") -> list[int]:
@@ -355,7 +355,8 @@ def from_config(config, full_vocab_size: int | None = None, seed: int = 0) -> LM
 # Artifacts
 
 
-def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineage: dict | None = None) -> Path:
+def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineage: Lineage,
+                    max_length: int = 0) -> Artifact:
     """Write atomically: a temporary sibling directory renamed into place."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
@@ -365,39 +366,27 @@ def save_lm_student(directory: str | Path, student: LMStudent, tokenizer, lineag
             head = student.head.state() if student.head is not None else {}
             save_file({"keep_ids": student.keep_ids.cpu().contiguous(),
                        "tail_logprob": student.tail_logprob.cpu().contiguous(), **head}, str(tmp / VOCAB_MAP))
-        meta = {
-            "kind": "causal-lm",
-            "full_vocab_size": student.full_vocab_size,
-            "trimmed_vocab": student.trimmed,
-            "num_parameters": student.num_parameters(),
-            "lineage": lineage or {},
-            "sha256": {f: file_sha256(tmp / f) for f in (WEIGHTS, VOCAB_MAP) if (tmp / f).exists()},
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    return directory
+        extra = {"full_vocab_size": student.full_vocab_size, "trimmed_vocab": student.trimmed,
+                 "num_parameters": student.num_parameters()}
+        art = write_artifact(tmp, Kind.CAUSAL_LM, lineage, max_length=max_length, extra=extra)
+    return replace(art, path=directory)
 
 
-def load_lm_student(directory: str | Path, device: str | torch.device = "cpu", verify: bool = True):
-    """``(student, tokenizer, meta)``; raises ArtifactError with the reason if anything is missing or corrupt."""
+def load_lm_student(directory: str | Path | Artifact, device: str | torch.device = "cpu", verify: bool = True):
+    """``(student, tokenizer, artifact)``; raises ArtifactError with the reason if anything is missing or corrupt."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from kdops.lm.teacher import drop_quantization
 
-    directory = Path(directory)
+    art = directory if isinstance(directory, Artifact) else Artifact.read(directory)
+    directory = art.path
+    if art.kind is not Kind.CAUSAL_LM:
+        raise ArtifactError(f"{directory}: a {art.kind.value} artifact, not a causal-LM student.")
+    if verify:
+        art.verify()
+    trimmed = bool(art.extra.get("trimmed_vocab"))
     try:
-        meta = json.loads((directory / META).read_text())
-    except FileNotFoundError as e:
-        raise ArtifactError(f"{directory}: not a kdops LM student ({META} missing).") from e
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{directory}/{META} is not valid JSON ({e}).") from e
-    for name, digest in meta.get("sha256", {}).items():
-        path = directory / name
-        if not path.exists():
-            raise ArtifactError(f"{path} missing.")
-        if verify and file_sha256(path) != digest:
-            raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt or was replaced.")
-    try:
-        vocab_map = load_file(str(directory / VOCAB_MAP)) if meta.get("trimmed_vocab") else {}
+        vocab_map = load_file(str(directory / VOCAB_MAP)) if trimmed else {}
         keep, tail = vocab_map.get("keep_ids"), vocab_map.get("tail_logprob")  # no tail: uniform (older students)
         config = AutoConfig.from_pretrained(str(directory))
         drop_quantization(config)  # students saved before the teacher config was cleaned carry a GGUF marker
@@ -405,10 +394,10 @@ def load_lm_student(directory: str | Path, device: str | torch.device = "cpu", v
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise ArtifactError(f"{directory}: unusable LM student ({e}).") from e
-    if meta.get("trimmed_vocab") and keep is None:
+    if trimmed and keep is None:
         raise ArtifactError(f"{directory}/{VOCAB_MAP} holds no keep_ids.")
     try:
-        student = LMStudent(model, int(meta["full_vocab_size"]), keep, tail, TailHead.from_state(vocab_map))
-    except (ValueError, RuntimeError) as e:  # RuntimeError: a head whose tensors do not fit together
+        student = LMStudent(model, int(art.extra["full_vocab_size"]), keep, tail, TailHead.from_state(vocab_map))
+    except (ValueError, RuntimeError, KeyError) as e:  # RuntimeError: a head whose tensors do not fit together
         raise ArtifactError(f"{directory}: unusable LM student ({e}).") from e
-    return student.to(device).eval(), tokenizer, meta
+    return student.to(device).eval(), tokenizer, art

@@ -1,0 +1,101 @@
+"""The task-kind interface: everything that differs between a classifier and a causal LM, behind one protocol.
+
+A flow, the registry and the server ask ``kdops.kinds.for_artifact(artifact)`` (or ``for_recipe``) for the
+implementation and call it; only ``kdops.kinds`` maps a ``Kind`` to a class. Adding a kind (token
+classification, say) is one new module here implementing ``TaskKind`` plus one line in the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import pandas as pd
+
+from kdops.artifacts import Artifact, Kind
+from kdops.gate import Decision
+from kdops.paths import Home
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One served input or output: Triton name, Triton dtype, dims of one item, optional per request."""
+
+    name: str
+    dtype: str
+    dims: int = 1
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """How a kind is served on Triton, as data: serving/ builds config.pbtxt and the smoke check from it."""
+
+    template: str = field(metadata={"help": "model.py template under serving/templates/."})
+    inputs: tuple[Tensor, ...] = field(metadata={"help": "Request tensors."})
+    outputs: tuple[Tensor, ...] = field(metadata={"help": "Response tensors (dims 0: one per label)."})
+    warmup: tuple[tuple[str, str, str], ...] = field(metadata={"help": "(input, dtype, warm-up file) pairs."})
+    generates: bool = field(default=False, metadata={"help": "A generation model: prompts in, text out (can stream)."})
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """One round's inputs, whatever the kind."""
+
+    home: Home
+    teacher: Any
+    train_snapshot: str
+    out_dir: Path
+    recipe: Any
+    champion: Artifact | None = None
+    parent_version: int | None = None
+    replay_snapshots: tuple[str, ...] = ()
+    device: str = "cpu"
+    progress: bool = False
+
+
+@dataclass
+class RoundOutput:
+    artifact: Artifact
+    history: list[dict]
+    info: dict
+
+
+class TaskKind(Protocol):
+    """What one task kind provides. Every method is generic in its callers."""
+
+    kind: Kind
+    students_dir: str  # under the home: where this kind's round artifacts go
+    serving: ServingSpec
+
+    def load_teacher(self, directory: str | Path, device: str = "cpu") -> Any: ...
+
+    def teacher_outputs(self, home: Home, teacher, texts: Sequence[str], recipe) -> dict:
+        """Fill the kind's content-addressed cache for ``texts``; return its hit/miss stats."""
+
+    def run_round(self, req: RoundRequest) -> RoundOutput: ...
+
+    def evaluate(self, home: Home, artifact: Artifact, teacher, rows: pd.DataFrame, recipe, speed: bool = False) -> dict:
+        """The full report of a candidate on evaluation rows (text, label, domain)."""
+
+    def summary(self, report: dict) -> dict:
+        """The headline figures: what the ledger keeps and a later gate reads back as the champion's."""
+
+    def gate(self, report: dict, champion_summary: dict | None, recipe) -> Decision: ...
+
+    def tracking(self, report: dict, history: list[dict]) -> tuple[dict[str, float], dict[str, Any]]:
+        """(metrics, figures by name) for the round's tracking run."""
+
+    def load(self, artifact: Artifact, device: str = "cpu") -> tuple[Any, Any, Artifact]:
+        """(model, tokenizer, artifact), verified."""
+
+    def reference(self, home: Home, artifact: Artifact, texts: Sequence[str], teacher) -> dict:
+        """Keyword arguments for monitoring's reference profile (probabilities, embeddings, label_names) and the
+        champion's own disagreement with the teacher (``baseline_rate``; None where there is nothing to compare)."""
+
+    def serving_params(self, artifact: Artifact) -> dict[str, str]:
+        """Kind-specific model parameters of the served config (label names ...)."""
+
+    def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int) -> Any:
+        """What the served model must answer for ``texts`` (computed locally), for the swap's smoke check."""
