@@ -41,8 +41,8 @@ def release_free_memory() -> bool:
 
     Why: a hot reload frees one model's tensors and allocates the next's. glibc keeps the freed blocks in its
     arenas, and with its sliding mmap threshold tensors of that size stop being mmapped after the first free.
-    120 swaps between two 4.7 M-parameter students (60 in-place reloads per slot) grew the server's RSS from
-    672 to 757 MB, where it levelled off (+12.6 %); with a trim after each reload, +2.7 % (bench/README.md).
+    Without a trim the serving stub's RSS grew with every reload before levelling off; the serving bench's RSS
+    growth figure (bench/README.md) is measured with it.
     True when memory was released; False where there is no glibc (a no-op there).
     """
     import gc

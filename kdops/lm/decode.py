@@ -4,9 +4,8 @@
 stopping-criteria lists, input preparation and bookkeeping. ``decode`` keeps only what kdops uses: greedy or plain
 temperature sampling, one id that may never be produced (a trimmed student's ``<other>``), an EOS that ends a row,
 an optional minimum length, left padding, and a per-step callback for streaming. Greedy ``decode`` produces the
-ids ``generate`` produces (``tests/test_lm_decode.py``). On SmolLM2 and an 11-layer student at batch 1 on a
-2-core CPU it saved the teacher about 8 % per token and the student about 1 %, so it did not raise their speed
-ratio measurably (bench/README.md, 2026-12-02).
+ids ``generate`` produces (``tests/test_lm_decode.py``); it exists to take per-token overhead out of the speed
+comparison (bench/README.md, ``bench/lm.py``).
 """
 
 from __future__ import annotations

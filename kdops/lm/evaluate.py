@@ -13,9 +13,8 @@ decoding loop served generation uses (``kdops.lm.decode``) and no EOS, so both m
 The reported tokens/s come from a paired measurement (``measure_generation_paired``): both models loaded
 in one fresh process, teacher and student generating prompt by prompt in alternation (who goes first alternates
 too), ``speed_rounds`` passes over the prompts; each model's figure is the median of its per-prompt rates.
-On this shared 2-core machine the same model's speed moved by up to 30 % between runs minutes apart (the
-teacher measured 13.4-18.0 tokens/s across bench runs): measured in separate runs, that drift lands on one
-model and not the other; paired prompt by prompt, it lands on both. Each model's rate measured alone (in its
+On a shared machine the same model's speed moves between runs minutes apart: measured in separate runs, that
+drift lands on one model and not the other; paired prompt by prompt, it lands on both. Each model's rate measured alone (in its
 memory subprocess) is kept as ``tokens_per_s_alone``.
 """
 

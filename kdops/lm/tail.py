@@ -15,10 +15,8 @@ The result is a (full_vocab,) log-probability vector (0 at kept ids), stored wit
 ``fit_tail_head`` goes further, with the student frozen after distillation: a ``TailHead`` reads the student's
 last hidden state, moves ``<other>``'s logit and spreads its mass with a rank-r softmax over the dropped ids,
 fitted against the teacher's full next-token distributions on a share of the round's sentences. Its
-loss is the expected NLL of a token drawn from the teacher, as far as the head can change it. On the bench
-student (10 layers, 20,620 dropped ids) a rank-64 head (1.36 M parameters) took held-out perplexity from
-1.244x to 1.188x the teacher's (/tmp probe: fitted on 800 movie test sentences other than the 100 scored;
-bench/README has the bench runs).
+loss is the expected NLL of a token drawn from the teacher, as far as the head can change it. What it buys on
+the recipe of record is in bench/README.md (``bench/lm.py``).
 """
 
 from __future__ import annotations
@@ -130,9 +128,7 @@ class TailConfig:
     rank: int = field(default=64, metadata={"help": "Rank of the dropped-id softmax (0: no context tail, the context-free tail only)."})
     calibration_fraction: float = field(default=0.1, metadata={"help": "Share of the round's sentences the head is fitted on (a seeded sample)."})
     calibration_max: int = field(default=1000, metadata={"help": "At most this many sentences."})
-    # Holding the sentences out of distillation was measured not to matter: on one student, a head fitted on
-    # 803 of its training sentences scored 1.277x the teacher's perplexity, one on 803 held-out sentences
-    # 1.280x (/tmp probe), so by default the student trains on all the text.
+    # Off by default: holding the sentences out of distillation measured no better, so the student trains on all text
     holdout: bool = field(default=False, metadata={"help": "Hold those sentences out of distillation (and follow the student's perplexity on them while it trains)."})
     topm: int = field(default=64, metadata={"help": "Teacher's most likely dropped ids kept per position as the tail's target."})
     steps: int = field(default=600, metadata={"help": "Adam steps fitting the head."})
