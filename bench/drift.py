@@ -11,7 +11,8 @@ out-of-sample), (c) the held-out pool that null windows are drawn from. Then:
 - timing: ``run_checks`` on 10,000 reference vs 10,000 current texts (all domains mixed; the current side
   is resampled with replacement from the texts not in the reference, since the corpus has 19k).
 
-Usage: ``.venv/bin/python bench/drift.py --out drift.json [--trials 10] [--null-trials 60] [--student DIR]``
+Usage: ``.venv/bin/python bench/drift.py --out bench/results/drift.json [--trials 10] [--null-trials 60] [--student DIR]``
+(the command and figures of record: bench/README.md)
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Diagnostic (on demand, not a target bench): where a trimmed-vocabulary LM student loses perplexity.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/lm_vocab.py --out out/lm_vocab.json [--student DIR] [--eval-sentences 100]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/lm_vocab.py --out bench/results/lm_vocab.json [--student DIR] [--eval-sentences 100]
 
 A trimmed student (kdops.lm.student) scores a dropped id as p(<other>) / #dropped. This scores the same
 held-out movie sentences as bench/lm.py, with the same teacher tokens and normaliser, under other ways of
 giving <other>'s mass to the dropped ids, none of them trained:
 
-- ``uniform``: p(<other>) / #dropped (how students scored before kdops.lm.tail);
+- ``uniform``: p(<other>) / #dropped (a student without a fitted tail);
 - ``fitted``: the tail the round fitted and stored with the student (kdops.lm.tail; what bench/lm.py reports);
 - ``tail_full``: a softmax over the teacher's embedding rows of the dropped ids, fed the student's last
   hidden state (p(<other>) x tail), i.e. an adaptive-softmax tail taken from the teacher; full rank;
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Where to write the JSON report.")
     ap.add_argument("--student", default=None,
-                    help="Trimmed LM student dir: a bench/lm.py JSON's student_dir (default: the directory bench/lm.py "
-                         "wrote before it named students after their run). A fitted TailHead is ignored: every row "
+                    help="Trimmed LM student dir: a bench/lm.py JSON's student_dir (default: "
+                         "<KDOPS_HOME>/students/smollm2-movie-lm). A fitted TailHead is ignored: every row "
                          "scores the student's context-free part.")
     ap.add_argument("--eval-sentences", type=int, default=100, help="Held-out movie test sentences (bench/lm.py's).")
     ap.add_argument("--max-length", type=int, default=48)

@@ -1,9 +1,10 @@
 """Serving bench (on demand, never a timed test): dynamic batching, student vs teacher, hot swaps under load.
 
-    .venv/bin/python bench/serving.py --out out/bench_serving.json [--swaps 100] [--clients 32]
+    .venv/bin/python bench/serving.py --out bench/results/serving.json [--swaps 100] [--clients 32]
 
 Runs its own tritonserver on 127.0.0.1 with tiny test models by default (--student/--teacher for real
-dirs), closed-loop client threads (one tritonclient per thread), bounded in count and time.
+dirs) and one asyncio gRPC load process of closed-loop clients (serving/loadgen.py), bounded in count and
+time. The command and figures of record: bench/README.md.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from serving.client import ServingClient, ServingError
-    from serving.export import ExportConfig, export_student
+    from serving.export import ExportConfig, export_artifact
     from serving.server import ServerConfig, TritonServer
     from serving.swap import SwapConfig, deploy, hot_swap, slot_names
     from serving.teacher import deploy_teacher
@@ -225,11 +226,11 @@ def main() -> None:
         deploy(server, "student", students[0], cfg=cfg)
         deploy(server, "nobatch", students[0], cfg=nobatch_cfg)
         for name, export in (("direct_nobatch", nobatch_cfg.export), ("direct_batch", cfg.export)):
-            export_student(students[0], server.repository, name, 1, replace(export, warmup=False))
+            export_artifact(students[0], server.repository, name, 1, replace(export, warmup=False))
             client.load(name)
         deploy_teacher(server, teacher, "teacher")
-        # The arms alternate ``--repeats`` times and the run reports the median of the per-repeat gains:
-        # one burst of other load on a 2-core box moved a single pair's gain between 3.2x and 4.1x.
+        # The arms alternate ``--repeats`` times and the run reports the median of the per-repeat gains: one
+        # burst of other load on a shared 2-core box moves a single pair's gain.
         arms = ("nobatch", "student", "direct_nobatch", "direct_batch")
         pairs: dict[str, list] = {m: [] for m in arms}
         for _ in range(args.repeats):
@@ -266,20 +267,19 @@ def main() -> None:
         res["batching_gain_repeats"] = [round(g, 2) for g in gains]
         res["batching_gain_direct_repeats"] = [round(g, 2) for g in ratios("direct_batch", "direct_nobatch")]
         res["batching_throughput_gain_direct"] = round(float(np.median(res["batching_gain_direct_repeats"])), 2)
-        # Before 2026-12-02 the bench divided the stable name's batching throughput by the direct no-batching
-        # model's: kept so the series in bench/README.md stays comparable.
+        # Stable name with batching over the direct model without: mixes the ensemble's cost into the gain; kept
+        # so older results stay comparable.
         res["batching_gain_mixed_repeats"] = [round(g, 2) for g in ratios("student", "direct_nobatch")]
         res["ensemble_cost_pct_repeats"] = [round(100 * (1 - g), 1) for g in ratios("student", "direct_batch")]
         res["student_vs_teacher_speedup"] = round(res["student"]["rps"] / res["teacher"]["rps"], 2)
         res["p50_ms"], res["p95_ms"], res["p99_ms"] = (res["student"][k] for k in ("p50_ms", "p95_ms", "p99_ms"))
         res["steady_p99_ms"] = res["student"]["p99_ms"]
-        # Baseline after one swap, once the unloaded no-batch/teacher stubs have exited: a first quick run
-        # measured right after unloading them and reported a meaningless -68 %.
+        # Baseline after one swap, once the unloaded no-batch/teacher stubs have exited: their exit would read as
+        # shrinkage.
         hot_swap(server, "student", students[1], cfg=cfg)
         hot_swap(server, "student", students[0], cfg=cfg)
         # And under load, without swaps: the serving working set (batch buffers, queues) is in the baseline, so
-        # the growth is what the swaps add. Before stop 17 the baseline was taken idle; with the real 4.7 M-
-        # parameter students the load alone read as about 6 % "growth" in the first 20 swaps (bench/README.md).
+        # the growth is what the swaps add, not what serving under load needs anyway.
         load(server.url, "student", args.clients, 5.0)
         time.sleep(3)
         rss0 = rss_kb(server.pids())

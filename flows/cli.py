@@ -32,8 +32,8 @@ def _mount(module: str, name: str, help_text: str) -> None:
     app.add_typer(sub, name=name, help=help_text)
 
 
-_mount("kdops.registry_cli", "registry", "MLflow registry: versions, champion, promotion ledger, rollback, UI.")
-_mount("kdops.review_cli", "review", "Human review queue: low-confidence cases, disagreements, models sent to review.")
+_mount("flows.promotion_cli", "registry", "MLflow registry: versions, champion, promotion ledger, rollback (with Triton), UI.")
+_mount("flows.promotion_cli", "review", "Human review queue: low-confidence cases, disagreements, models sent to review.")
 _mount("serving.cli", "serve", "Triton Inference Server: start, deploy, hot swap, rollback, status.")
 
 
@@ -101,24 +101,20 @@ def lm_teacher() -> None:
 
 @lm_app.command("distill")
 def lm_distill(
+    recipe_name: str = typer.Option("lm-quick", "--recipe", help="Named recipe (kdops/recipes.py): lm-quick (minutes, the default) or lm-full (the recipe of record, about an hour on 2 cores). The options below override single fields."),
     domains: str = typer.Option("movie", "--domains", help="Comma-separated corpus domains (movie, tweets, amazon, nyt) to train and evaluate on."),
-    train_sentences: int = typer.Option(500, "--train-sentences", min=1, help="Training sentences (a seeded sample of the domains' train split)."),
+    train_sentences: int = typer.Option(None, "--train-sentences", min=1, help="Training sentences (a seeded sample of the domains' train split); default: the recipe's."),
     eval_sentences: int = typer.Option(100, "--eval-sentences", min=1, help="Held-out sentences per domain (test split) for perplexity."),
-    steps: int = typer.Option(150, "--steps", min=1, help="Optimiser steps in this round."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per step."),
-    lr: float = typer.Option(6e-4, "--lr", help="Peak learning rate."),
-    layers: int = typer.Option(10, "--layers", min=1, help="First round: teacher layers the student keeps."),
-    trim_vocab: int = typer.Option(8192, "--trim-vocab", min=-1, help="First round: keep ids seen in training plus the first N (-1: the full vocabulary)."),
-    intermediate: int = typer.Option(0, "--intermediate", min=0, help="First round: MLP neurons each kept layer keeps, the most active on the round's text (0: all)."),
-    tail_rank: int = typer.Option(64, "--tail-rank", min=0, help="Trimmed vocabulary: rank of the context tail over the dropped ids, fitted each round against the teacher (0: context-free tail only)."),
-    max_ppl_ratio: float = typer.Option(1.15, "--max-ppl-ratio", help="Gate: student / teacher perplexity limit."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps in this round; default: the recipe's."),
+    layers: int = typer.Option(None, "--layers", min=1, help="First round: teacher layers the student keeps; default: the recipe's."),
+    trim_vocab: int = typer.Option(None, "--trim-vocab", min=-1, help="First round: keep ids seen in training plus the first N (-1: the full vocabulary); default: the recipe's."),
+    max_ppl_ratio: float = typer.Option(None, "--max-ppl-ratio", help="Gate: student / teacher perplexity limit; default: the recipe's."),
     model: str = typer.Option("kdops-lm-student", "--model", help="Registered and served model name."),
     teacher_dir: Path = typer.Option(None, "--teacher-dir", help="A local causal-LM directory (safetensors); default the shipped SmolLM2-135M-Instruct."),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Hot-swap a promoted student into Triton as a generation model."),
     triton_url: str = typer.Option("", "--triton-url", envvar="KDOPS_TRITON_URL", help="Attach to this Triton (HTTP host:port) instead of starting tritonserver."),
     triton_grpc_url: str = typer.Option("", "--triton-grpc-url", envvar="KDOPS_TRITON_GRPC_URL", help="gRPC host:port of the attached Triton (model control)."),
     triton_admin_key: str = typer.Option("", "--triton-admin-key", envvar="KDOPS_TRITON_ADMIN_KEY", help="Model-control key of the attached Triton."),
-    max_length: int = typer.Option(48, "--max-length", min=4, help="Token limit per sentence."),
     speed: bool = typer.Option(False, "--speed/--no-speed", help="Also measure generation tokens/s and peak memory of teacher and student."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads for scoring and training."),
     seed: int = typer.Option(13, "--seed", help="Sampling and training seed."),
@@ -126,22 +122,28 @@ def lm_distill(
 ) -> None:
     """One LM round: teacher top-k (cached) -> distil (carve or continue the champion, with replay) -> perplexity
     gate -> MLflow version -> hot swap on Triton. Run it again to continue from the new champion."""
+    from dataclasses import replace
+
     import torch
 
     from flows.lm_run import run_lm_round_cli
-    from kdops.gate import LMGateThresholds
-    from kdops.lm.distill import LMDistillConfig
-    from kdops.lm.rounds import LMShape
+    from kdops.recipes import LMRecipe, recipe
 
     torch.set_num_threads(threads)
     try:
-        cfg = LMDistillConfig(steps=steps, batch_size=batch_size, lr=lr, freeze_embeddings=trim_vocab < 0, seed=seed)
-        shape = LMShape(layers=layers, trim_vocab=None if trim_vocab < 0 else trim_vocab, tail_rank=tail_rank,
-                        intermediate=intermediate or None)
-        th = LMGateThresholds(max_ppl_ratio=max_ppl_ratio)
+        r = recipe(recipe_name)
+        if not isinstance(r, LMRecipe):
+            raise ValueError(f"recipe {recipe_name!r} is not a causal-LM recipe.")
+        shape = {"layers": layers} if layers else {}
+        if trim_vocab is not None:
+            shape["trim_vocab"] = None if trim_vocab == -1 else trim_vocab
+        r = replace(r, distill=replace(r.distill, seed=seed, **({"steps": steps} if steps else {})),
+                    shape=replace(r.shape, **shape),
+                    gate=replace(r.gate, **({"max_ppl_ratio": max_ppl_ratio} if max_ppl_ratio else {})),
+                    **({"train_sentences": train_sentences} if train_sentences else {}))
         names = tuple(d.strip() for d in domains.split(",") if d.strip())
-        run_lm_round_cli(names, train_sentences, eval_sentences, cfg, shape, th, model, teacher_dir, serve, triton_url,
-                         triton_grpc_url, triton_admin_key, max_length, speed, seed, json_out, echo=typer.echo)
+        run_lm_round_cli(r, names, eval_sentences, model, teacher_dir, serve, triton_url, triton_grpc_url,
+                         triton_admin_key, speed, seed, json_out, echo=typer.echo)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -11,74 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kdops import corpora
-from kdops.distill import DistillConfig
-from kdops.gate import GateThresholds
-from kdops.paths import home
-from kdops.rounds import StudentShape
+from kdops.artifacts import Kind
 
 log = logging.getLogger("kdops.demo")
 DOMAINS = ("tweets", "amazon", "nyt")
-
-
-class LoadGenerator:
-    """Client threads calling Triton with texts of the current domain; every request is recorded."""
-
-    def __init__(self, url: str, model: str, threads: int = 8, rate_limit_s: float = 0.0):
-        self.url, self.model, self.threads, self.pause = url, model, threads, rate_limit_s
-        self.pool: list[str] = []
-        self.samples: list[tuple[float, float, bool]] = []
-        self.stop_event = threading.Event()
-        self.t0 = time.time()
-        self.lock = threading.Lock()
-        self.workers: list[threading.Thread] = []
-
-    def set_pool(self, texts: list[str]) -> None:
-        self.pool = list(texts)
-
-    def _run(self, seed: int) -> None:
-        from serving.client import ServingClient
-
-        client, rng = ServingClient(self.url, timeout_s=30), np.random.default_rng(seed)
-        while not self.stop_event.is_set():
-            pool = self.pool
-            if not pool:
-                time.sleep(0.1)
-                continue
-            text = pool[int(rng.integers(len(pool)))]
-            t = time.time()
-            try:
-                client.predict(self.model, [text])
-                ok = True
-            except Exception:  # counted, not raised: a failed request is what the demo measures
-                ok = False
-            with self.lock:
-                self.samples.append((t - self.t0, (time.time() - t) * 1000, ok))
-            if self.pause:
-                time.sleep(self.pause)
-
-    def start(self) -> "LoadGenerator":
-        self.workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
-        for w in self.workers:
-            w.start()
-        return self
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for w in self.workers:
-            w.join(35)
-
-    def failed_between(self, a: float, b: float) -> tuple[int, int]:
-        with self.lock:
-            rows = [s for s in self.samples if a - self.t0 <= s[0] <= b - self.t0]
-        return sum(1 for s in rows if not s[2]), len(rows)
 
 
 def _accuracy_per_domain(artifact: str, tests: dict[str, pd.DataFrame]) -> dict:
@@ -92,154 +36,183 @@ def _accuracy_per_domain(artifact: str, tests: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
-def _reference(artifact: str, texts: list[str], teacher, cache):
-    """The champion's reference profile, and a monitor config whose disagreement baseline is the champion's
-    own disagreement with the teacher on that reference (a fixed baseline would be wrong for most students)."""
-    from kdops.predict import Predictor
-    from monitoring import DisagreementCheck, MonitorConfig, profile_reference
+def _teacher_accuracy(ctx, tests: dict[str, pd.DataFrame]) -> dict:
+    from flows.tasks import load_teacher
+    from kdops.soft_labels import SoftLabelCache
 
-    p = Predictor.from_dir(artifact)
-    probs = p.predict_proba(texts)
-    base = float((probs.argmax(-1) != cache.get_or_compute(teacher, texts).argmax(-1)).mean())
-    cfg = MonitorConfig(disagreement=DisagreementCheck(sample_share=1.0, baseline_rate=min(0.5, base), tolerance=0.03))
-    ref = profile_reference(texts, cfg, probabilities=probs, embeddings=p.embed(texts), label_names=corpora.SENTIMENT_LABELS)
-    return ref, cfg
+    teacher, cache = load_teacher(ctx, Kind.CLASSIFIER), SoftLabelCache(ctx.paths.soft_labels)
+    out = {}
+    for d, rows in tests.items():
+        y = rows["label"].map({n: i for i, n in enumerate(corpora.SENTIMENT_LABELS)}).to_numpy()
+        out[d] = float((cache.get_or_compute(teacher, rows["text"].tolist()).argmax(-1) == y).mean())
+    return out
+
+
+@dataclass
+class DemoPlan:
+    """The demo's sizes: a full run, or the quick smoke run."""
+
+    window: int = 500  # served requests per monitoring window
+    v1_rows: int = 4000  # movie reviews student v1 is distilled on
+    eval_per_domain: int = 400  # held-out reviews per domain
+    v1_epochs: int = 4
+
+    @classmethod
+    def quick(cls) -> "DemoPlan":
+        return cls(window=200, v1_rows=2000, eval_per_domain=150, v1_epochs=3)
+
+
+def _wait_for_window(load, since: float, n: int, limit_s: float = 300) -> None:
+    """Until ``n`` requests were served since ``since`` (bounded)."""
+    while time.time() - since < limit_s:
+        time.sleep(1)
+        if load.failed_between(since, time.time())[1] >= n:
+            return
+
+
+def _phase(ctx, load, domain: str, pool: list[str], tests, eval_id: str, plan: DemoPlan,
+           champion: dict, teacher_acc: dict) -> dict:
+    """Serve one domain's traffic; each window is a ``monitor_tick`` (the flow ``kdops up`` schedules), and its
+    retrain verdict runs ``distill_flow`` (incremental recipe) and ``promote_flow`` through it."""
+    from flows.monitor import monitor_tick
+    from monitoring import TriggerConfig
+
+    load.set_pool(pool)
+    rec = {"domain": domain, "drift_detected": False, "swap_failed": 0, "detect_to_serve_s": None,
+           "student_acc_before": _accuracy_per_domain(champion["artifact"], tests), "teacher_acc": teacher_acc}
+    # 2-of-3 hysteresis as in production; a 1-window cool-down because nothing here works the review queue
+    trigger = TriggerConfig(cooldown=1)
+    for w in range(4):  # at most 4 windows per phase
+        _wait_for_window(load, time.time(), plan.window)
+        t_check = time.time()
+        tick = monitor_tick(ctx, window_s=3600, min_rows=plan.window, eval_id=eval_id,
+                            recipe="classifier-incremental", trigger=trigger)
+        log.info("window %s-%d: %s -> %s", domain, w, tick.get("decision"), tick.get("action"))
+        rec.setdefault("verdicts", []).append(tick.get("decision"))
+        if tick.get("action") != "retrain":
+            continue
+        r = tick["distill"]
+        failed, total = load.failed_between(t_check, time.time())
+        rec.update({"drift_detected": True, "decision": r.get("decision"), "version": r.get("version"),
+                    "student_acc_after": _accuracy_per_domain(r["artifact"], tests),
+                    "retention": r["report"]["retention"], "swap_failed": failed, "swap_requests": total,
+                    "detect_to_serve_s": time.time() - t_check})
+        if r.get("decision") == "promote":
+            rec["swap_time"] = time.time() - load.t0
+            champion.update(version=r["version"], artifact=r["artifact"])
+        break
+    rec.setdefault("student_acc_after", rec["student_acc_before"])
+    return rec
+
+
+def _drift_history(home, run_started: str) -> list[dict]:
+    hist_path = home.monitoring / "history.jsonl"
+    history = [json.loads(x) for x in hist_path.read_text().splitlines() if x.strip()] if hist_path.exists() else []
+    history = [h for h in history if h.get("timestamp", "") >= run_started]
+    return [{"window": i, "verdict": h.get("decision"),
+             "scores": {k: -np.log10(max(float(t.get("p_value") or 1.0), 1e-12)) for k, t in h.get("tests", {}).items()}}
+            for i, h in enumerate(history)]
+
+
+def _first_round(ctx, plan: DemoPlan, tests: dict, teacher_acc: dict) -> tuple[dict, pd.DataFrame, str]:
+    """Student v1 on movie reviews, gated on movie reviews only (nobody has shown it the other domains yet)."""
+    from dataclasses import replace
+
+    from flows.loop import distill_flow
+    from flows.tasks import save_snapshot
+    from kdops.recipes import recipe
+
+    v1 = recipe("classifier")
+    v1 = replace(v1, distill=replace(v1.distill, epochs=plan.v1_epochs, early_stopping_patience=0),
+                 gate=recipe("classifier-incremental").gate)
+    labels = corpora.SENTIMENT_LABELS
+    movie = corpora.load("sentiment", split="train", domains=("movie",), limit_per_domain=plan.v1_rows).rows
+    r0 = distill_flow(ctx, save_snapshot(ctx, movie, labels), save_snapshot(ctx, tests["movie"], labels), v1)
+    if "promotion" not in r0:
+        raise RuntimeError(f"student v1 was not deployed: gate said {r0['decision']['action']}: {r0['decision']['reasons']}")
+    rec = {"domain": "movie", "drift_detected": None, "decision": r0["decision"]["action"], "version": r0["version"],
+           "student_acc_before": None, "student_acc_after": _accuracy_per_domain(r0["artifact"], tests),
+           "teacher_acc": teacher_acc, "retention": r0["report"]["retention"], "swap_failed": 0, "detect_to_serve_s": None}
+    return rec, movie, r0["artifact"]
+
+
+def _shifts(ctx, load, plan: DemoPlan, tests: dict, champion: dict, teacher_acc: dict) -> tuple[list, list]:
+    """The traffic moves to each new domain in turn; each round is gated on every domain seen so far."""
+    from flows.tasks import save_snapshot
+
+    rounds, swap_times, seen = [], [], ["movie"]
+    for d in DOMAINS:
+        seen.append(d)
+        eval_id = save_snapshot(ctx, pd.concat([tests[x] for x in seen], ignore_index=True), corpora.SENTIMENT_LABELS)
+        pool = corpora.load("sentiment", split="train", domains=(d,)).rows["text"].tolist()
+        rec = _phase(ctx, load, d, pool, tests, eval_id, plan, champion, teacher_acc)
+        if "swap_time" in rec:
+            swap_times.append(rec.pop("swap_time"))
+        rounds.append(rec)
+    return rounds, swap_times
 
 
 def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
+    """Student v1 on movie reviews, served; traffic shifts to tweets, amazon, nyt; the loop keeps up."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.monitor import monitor_tick
+    from kdops.report import render
+    from flows.services import PrefectServer
+    from flows.tasks import LoopContext
+    from kdops.paths import Home
+    from kdops.teacher import TeacherTrainConfig, bootstrap_sentiment_teacher
+    from monitoring import reset_trigger
+    from serving.loadgen import LoadGenerator
+    from serving.server import ServerConfig, TritonServer
+
+    _quiet_logs()
+    t_start, plan, paths = time.time(), DemoPlan.quick() if quick else DemoPlan(), Home.from_env()
+    teacher_dir = bootstrap_sentiment_teacher(TeacherTrainConfig())
+    tests = {d: corpora.load("sentiment", split="test", domains=(d,), limit_per_domain=plan.eval_per_domain).rows
+             for d in corpora.SENTIMENT_DOMAINS}
+    run_dir = paths.demo / time.strftime("%Y%m%d-%H%M%S")
+    # A run of its own: its registered model and trigger start fresh; it reports only its own windows.
+    reset_trigger(paths.monitoring)
+    run_started = pd.Timestamp.now(tz="UTC").isoformat()
+    repo = run_dir / "triton-repo"
+    with PrefectServer(paths.root) as prefect, temporary_settings({PREFECT_API_URL: prefect.url}), \
+            TritonServer(ServerConfig(repository=str(repo), log_file=str(run_dir / "triton.log"))) as triton:
+        ctx = LoopContext(home=str(paths.root), teacher_dir=str(teacher_dir), triton_url=triton.url,
+                          triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key, model=f"kdops-demo-{run_dir.name}",
+                          repository=str(repo), prediction_log=str(run_dir / "predictions"))
+        teacher_acc = _teacher_accuracy(ctx, tests)
+        first, movie, artifact = _first_round(ctx, plan, tests, teacher_acc)
+        champion = {"version": first["version"], "artifact": artifact}
+        # Steady traffic of about 40 requests/s from 8 clients: a busy service, not a saturating benchmark
+        load = LoadGenerator(triton.url, ctx.model, threads=8, rate_limit_s=0.2)
+        load.set_pool(movie["text"].tolist())
+        load.start()
+        time.sleep(3)
+        monitor_tick(ctx, min_rows=10 ** 9)  # the loop state now follows v1
+        rounds, swap_times = _shifts(ctx, load, plan, tests, champion, teacher_acc)
+        load.stop()
+        failed_all, total_all = load.failed_between(0, time.time() + 1)
+        summary = {"rounds": [first, *rounds], "total_failed_requests": failed_all, "total_requests": total_all,
+                   "seconds": time.time() - t_start,
+                   "links": {"MLflow UI": f".venv/bin/kdops registry ui  (store {paths.mlflow})",
+                             "Prefect API/UI": prefect.url.removesuffix("/api") + " (while running)",
+                             "Triton": f"http://{triton.url}/v2/models/{ctx.model}",
+                             "drift reports": str(paths.monitoring / "reports"), "run dir": str(run_dir)}}
+        render(summary, report, latency_samples=load.samples, swap_times=swap_times,
+               drift_history=_drift_history(paths, run_started))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(summary, indent=2, default=str))
+    _print_table(summary, report, json_out)
+    return summary
+
+
+def _quiet_logs() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP call to Prefect otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from flows.loop import distill_flow, monitor_flow
-    from flows.report import render
-    from flows.services import PrefectServer
-    from flows.tasks import LoopContext, save_snapshot
-    from kdops.teacher import TeacherTrainConfig, bootstrap_sentiment_teacher
-    from serving.server import ServerConfig, TritonServer
-
-    t_start = time.time()
-    root = home()
-    window = 200 if quick else 500
-    v1_rows = 2000 if quick else 4000
-    eval_per_domain = 150 if quick else 400
-    teacher_dir = bootstrap_sentiment_teacher(TeacherTrainConfig())
-    tests = {d: corpora.load("sentiment", split="test", domains=(d,), limit_per_domain=eval_per_domain).rows
-             for d in corpora.SENTIMENT_DOMAINS}
-    from kdops.evaluate import softmax  # noqa: F401  (teacher accuracy below uses the cache)
-    from kdops.soft_labels import SoftLabelCache
-    from kdops.teacher import HFTeacher
-
-    teacher = HFTeacher(teacher_dir)
-    cache = SoftLabelCache(root / "soft_labels.sqlite")
-    teacher_acc = {}
-    for d, rows in tests.items():
-        y = rows["label"].map({n: i for i, n in enumerate(corpora.SENTIMENT_LABELS)}).to_numpy()
-        teacher_acc[d] = float((cache.get_or_compute(teacher, rows["text"].tolist()).argmax(-1) == y).mean())
-
-    run_dir = root / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    repo, plog = run_dir / "triton-repo", run_dir / "predictions"
-    cfg = DistillConfig(epochs=3 if quick else 4, early_stopping_patience=0)
-    inc_cfg = DistillConfig(epochs=2, lr=1e-4, early_stopping_patience=0, replay_share=1.0)
-    thresholds = GateThresholds(min_retention=0.9, max_slice_drop=0.03)
-    from monitoring import TriggerConfig
-
-    # 2-of-3 hysteresis as in production; a 1-window cool-down because nothing here works the review queue,
-    # and a 6-window one would hide the retrain verdict that follows a review (demo traffic is short).
-    trigger_cfg = TriggerConfig(cooldown=1)
-    rounds: list[dict] = []
-    # The monitoring state under <home> outlives a run; this run starts with a fresh trigger and reports only
-    # its own windows.
-    (root / "monitoring" / "trigger.json").unlink(missing_ok=True)
-    run_started = pd.Timestamp.now(tz="UTC").isoformat()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with PrefectServer(root) as prefect, temporary_settings({PREFECT_API_URL: prefect.url}), \
-            TritonServer(ServerConfig(repository=str(repo), log_file=str(run_dir / "triton.log"))) as triton:
-        ctx = LoopContext(home=str(root), teacher_dir=str(teacher_dir), triton_url=triton.url, triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key,
-                          repository=str(repo), prediction_log=str(plog))
-        movie = corpora.load("sentiment", split="train", domains=("movie",), limit_per_domain=v1_rows).rows
-        # Each round is evaluated on the domains seen so far: v1 is gated on movie reviews, not on domains
-        # nobody has shown it yet; later rounds must keep every slice they inherit (the gate's forgetting check).
-        seen = ["movie"]
-        labels = corpora.SENTIMENT_LABELS
-        r0 = distill_flow(ctx, save_snapshot(ctx, movie, labels), save_snapshot(ctx, tests["movie"], labels), cfg,
-                          StudentShape(), thresholds, None)
-        if "promotion" not in r0:
-            raise RuntimeError(f"student v1 was not deployed: gate said {r0['decision']['action']}: {r0['decision']['reasons']}")
-        champion = {"version": r0["version"], "artifact": r0["artifact"], "report": r0["report"]}
-        acc0 = _accuracy_per_domain(r0["artifact"], tests)
-        rounds.append({"domain": "movie", "drift_detected": None, "decision": r0["decision"]["action"], "version": r0["version"],
-                       "student_acc_before": None, "student_acc_after": acc0, "teacher_acc": teacher_acc,
-                       "retention": r0["report"]["retention"], "swap_failed": 0, "detect_to_serve_s": None})
-        reference_texts = movie["text"].tolist()
-        ref, mon_cfg = _reference(r0["artifact"], reference_texts[:2000], teacher, cache)
-        # Steady traffic of about 40 requests/s from 8 clients: a busy service, not a saturating benchmark
-        # (bench/serving.py measures that), so the two cores still have room to distil the next version.
-        load = LoadGenerator(triton.url, ctx.model, threads=8, rate_limit_s=0.2)
-        load.set_pool(movie["text"].tolist())
-        load.start()
-        swap_times: list[float] = []  # seconds since the load started at which a hot swap completed
-        time.sleep(3)
-        stream = {d: corpora.load("sentiment", split="train", domains=(d,)).rows for d in DOMAINS}
-        for d in DOMAINS:
-            load.set_pool(stream[d]["text"].tolist())
-            detected, rec = False, {"domain": d, "drift_detected": False, "swap_failed": 0, "detect_to_serve_s": None,
-                                    "student_acc_before": _accuracy_per_domain(champion["artifact"], tests), "teacher_acc": teacher_acc}
-            for w in range(4):  # at most 4 windows per phase
-                since = time.time()
-                while time.time() - since < 300:  # wait for a full window of served traffic (bounded)
-                    time.sleep(1)
-                    _, n = load.failed_between(since, time.time())
-                    if n >= window:
-                        break
-                until = time.time()
-                mon = monitor_flow(ctx, ref, since, until, window_id=f"{d}-{w}", config=mon_cfg, trigger=trigger_cfg)
-                log.info("window %s-%d: %s -> %s", d, w, mon.get("decision"), mon.get("action"))
-                rec.setdefault("verdicts", []).append(mon.get("decision"))
-                if mon.get("action") == "retrain":
-                    detected, t_detect = True, time.time()
-                    from kdops.prediction_log import read_predictions
-
-                    served = read_predictions(plog, since=since - 0 if w == 0 else since)
-                    new = pd.DataFrame({"text": served["text"].drop_duplicates().tolist()}).assign(label=None, domain=d)
-                    seen.append(d)
-                    seen_rows = pd.concat([tests[x] for x in seen], ignore_index=True)
-                    r = distill_flow(ctx, save_snapshot(ctx, new, labels), save_snapshot(ctx, seen_rows, labels), inc_cfg,
-                                     StudentShape(), thresholds, champion)
-                    failed, total = load.failed_between(t_detect, time.time())
-                    rec.update({"drift_detected": True, "decision": r["decision"]["action"], "version": r["version"],
-                                "student_acc_after": _accuracy_per_domain(r["artifact"], tests), "retention": r["report"]["retention"],
-                                "swap_failed": failed, "swap_requests": total, "detect_to_serve_s": time.time() - t_detect})
-                    if "promotion" in r:
-                        swap_times.append(time.time() - load.t0)
-                        champion = {"version": r["version"], "artifact": r["artifact"], "report": r["report"]}
-                        reference_texts = reference_texts + new["text"].tolist()
-                        ref, mon_cfg = _reference(champion["artifact"], reference_texts[-2000:], teacher, cache)
-                        (root / "monitoring" / "trigger.json").unlink(missing_ok=True)  # a new champion, a fresh trigger
-                    break
-            rec.setdefault("student_acc_after", rec["student_acc_before"])
-            rounds.append(rec)
-        load.stop()
-        failed_all, total_all = load.failed_between(0, time.time() + 1)
-        hist_path = root / "monitoring" / "history.jsonl"
-        history = [json.loads(x) for x in hist_path.read_text().splitlines() if x.strip()] if hist_path.exists() else []
-        history = [h for h in history if h.get("timestamp", "") >= run_started]
-        drift_hist = [{"window": i, "verdict": h.get("decision"),
-                       "scores": {k: -np.log10(max(float(t.get("p_value") or 1.0), 1e-12)) for k, t in h.get("tests", {}).items()}}
-                      for i, h in enumerate(history)]
-        summary = {"rounds": rounds, "total_failed_requests": failed_all, "total_requests": total_all,
-                   "seconds": time.time() - t_start,
-                   "links": {"MLflow UI": f".venv/bin/kdops registry ui  (store {root / 'mlflow'})",
-                             "Prefect API/UI": prefect.url.removesuffix("/api") + " (while running)",
-                             "Triton": f"http://{triton.url}/v2/models/{ctx.model}",
-                             "drift reports": str(root / "monitoring" / "reports"), "run dir": str(run_dir)}}
-        render(summary, report, latency_samples=load.samples, swap_times=swap_times, drift_history=drift_hist)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(summary, indent=2, default=str))
-    _print_table(summary, report, json_out)
-    return summary
 
 
 def _print_table(summary: dict, report: Path, json_out: Path) -> None:

@@ -8,13 +8,16 @@ flow applies each decision to the queue, which is where ``kdops review`` (the CL
 What a decision does:
 - a labelled text case becomes a hard label in the next distillation round and enters the frozen golden
   evaluation set (``kdops.review``; ``distill_flow`` reads both);
-- an approved ``candidate`` model is promoted (``promote_flow``: hot swap + ``champion`` alias) when the
-  loop has a Triton server, else only in the registry; a rejected one is marked rejected in the registry.
+- an approved ``candidate`` model (the registry's ``challenger``) is promoted through ``flows.promotion.promote``:
+  hot swap and ``champion`` alias as one transaction (the alias alone when the loop has no Triton); a rejected
+  one is written to the ledger as rejected and stops being the challenger.
+
+``decide`` is the one way a decision is applied, here and in ``kdops review approve|reject|label``: the registry
+and Triton first, the queue after, so a promotion that fails leaves the case open to decide again.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger, pause_flow_run
@@ -47,20 +50,17 @@ def _describe(cases: list[dict], label_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _apply_candidate(ctx: LoopContext, case: dict, decision: str, reviewer: str) -> dict | None:
-    from kdops.registry import Registry
+def decide(ctx: LoopContext, queue, case_id: int, decision: str, label: str | None, reviewer: str) -> dict:
+    """Apply one decision: a ``candidate`` case's approve / reject reaches the registry (and Triton) first, then
+    the queue records it. Returns the decided case, with ``"applied"`` (the promotion or ledger entry) added."""
+    from flows.promotion import decide_candidate
+    from kdops.review import ReviewError
 
-    p, reg = case["payload"], Registry(tracking_uri=ctx.tracking_uri)
-    version, reason = int(p["version"]), f"review case {case['id']}: {decision} by {reviewer}"
-    if decision == "reject":
-        return reg.reject(ctx.model, version, reason, p.get("summary"), actor=reviewer)
-    if decision != "approve":
-        return None
-    if ctx.triton_url and p.get("artifact"):
-        from flows.loop import promote_flow
-
-        return promote_flow(ctx, version, p["artifact"], reason, p.get("summary") or {}, p.get("previous_artifact"))
-    return reg.promote(ctx.model, version, reason, p.get("summary"), actor=reviewer)
+    case = queue.get(case_id)
+    if case["status"] != "open":
+        raise ReviewError(f"case {case_id} is already {case['status']} (by {case['reviewer']}).")
+    applied = decide_candidate(ctx, case, decision, reviewer) if case["kind"] == "candidate" else None
+    return {**queue.decide(case_id, decision, label, reviewer=reviewer), "applied": applied}
 
 
 @flow(name="review_flow")
@@ -70,7 +70,7 @@ def review_flow(ctx: LoopContext, label_names: list[str], kinds: list[str] | Non
     from kdops.review import ReviewError, ReviewQueue
 
     log = get_run_logger()
-    queue = ReviewQueue(Path(ctx.home) / "review.sqlite")
+    queue = ReviewQueue(ctx.paths.review_db)
     cases = [c for c in queue.open() if kinds is None or c["kind"] in kinds][:limit]
     if not cases:
         log.info("review queue: nothing open")
@@ -88,9 +88,7 @@ def review_flow(ctx: LoopContext, label_names: list[str], kinds: list[str] | Non
                 raise ReviewError(f"case {d.case_id} was not in this review")
             if d.decision == "label" and d.label not in label_names:
                 raise ReviewError(f"label {d.label!r} is not one of {label_names}")
-            case = queue.decide(d.case_id, d.decision, d.label, reviewer=answer.reviewer or "prefect-ui")
-            if case["kind"] == "candidate":
-                _apply_candidate(ctx, by_id[d.case_id], d.decision, answer.reviewer)
+            decide(ctx, queue, d.case_id, d.decision, d.label, answer.reviewer or "prefect-ui")
             applied.append({"case_id": d.case_id, "decision": d.decision, "label": d.label})
         except Exception as e:  # one bad row does not lose the others; each error is reported
             log.error("case %s: %s", d.case_id, e)

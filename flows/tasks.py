@@ -1,23 +1,28 @@
 """Small typed Prefect tasks. Each calls one stage of kdops, serving or monitoring; no ML math here.
 
-Tasks hand the next one an identifier (a snapshot id, an artifact path, an MLflow version), never a
-global. Retries sit on the decorator for the steps that touch a server.
+Every task is generic over the task kind: what differs between a classifier and a causal LM is looked up once,
+in ``kdops.kinds``, from the round's recipe or the artifact. Tasks hand the next one an identifier (a snapshot
+id, an artifact path, a registry version), never a global. Retries sit on the decorator for steps that touch a
+server.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
 
+from kdops import kinds
+from kdops.artifacts import Artifact
 from kdops.data import Snapshot, from_rows
-from kdops.distill import DistillConfig
-from kdops.gate import Decision, GateThresholds, gate
-from kdops.rounds import StudentShape
+from kdops.gate import Decision
+from kdops.paths import Home
 
 MODEL = "kdops-student"
 
@@ -27,8 +32,8 @@ class LoopContext:
     """Where a loop keeps its state and which servers it talks to: configuration, not globals."""
 
     home: str = field(metadata={"help": "kdops data directory (snapshots, caches, students)."})
-    teacher_dir: str = field(metadata={"help": "Teacher model directory (HF sequence classifier)."})
-    tracking_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (None: embedded SQLite)."})
+    teacher_dir: str = field(metadata={"help": "Teacher model directory (a transformers model of the recipe's kind)."})
+    tracking_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (None: the home's embedded SQLite)."})
     triton_url: str = field(default="", metadata={"help": "Triton HTTP host:port."})
     triton_grpc_url: str = field(default="", metadata={"help": "Triton gRPC host:port: model control goes over gRPC (an HTTP load blocks pinned HTTP connections)."})
     triton_key: str = field(default="", metadata={"help": "Admin key for Triton's model-control API (empty: $KDOPS_TRITON_ADMIN_KEY, so served deployments need not show it in their parameters)."})
@@ -37,119 +42,111 @@ class LoopContext:
     prediction_log: str = field(default="", metadata={"help": "Prediction-log directory written by the server."})
     device: str = field(default="cpu", metadata={"help": "Training device."})
 
+    @property
+    def paths(self) -> Home:
+        return Home.at(self.home)
+
+    @property
+    def uri(self) -> str:
+        return self.tracking_uri or self.paths.tracking_uri
+
+    @property
+    def admin_key(self) -> str:
+        return self.triton_key or os.environ.get("KDOPS_TRITON_ADMIN_KEY", "")
+
 
 @functools.lru_cache(maxsize=2)
-def _load_teacher(kind: str, directory: str, device: str, stamp: int):
-    if kind == "causal-lm":
-        from kdops.lm.teacher import HFCausalLMTeacher
-
-        return HFCausalLMTeacher(directory, device=device)
-    from kdops.teacher import HFTeacher
-
-    return HFTeacher(directory, device=device)
+def _load_teacher(kind, directory: str, device: str, stamp: int):
+    return kinds.get(kind).load_teacher(directory, device=device)
 
 
-def load_teacher(ctx: LoopContext, kind: str = "classifier"):
+def load_teacher(ctx: LoopContext, kind):
     """The loop's teacher, loaded once per process and shared by the tasks of a flow (read-only use): a round
-    scores, distils and evaluates with it, and each load was a full read of the weights. A rewritten weights
-    file (new modification time) loads afresh."""
+    labels, distils and evaluates with it. A rewritten weights file (new modification time) loads afresh."""
     weights = Path(ctx.teacher_dir) / "model.safetensors"
     stamp = weights.stat().st_mtime_ns if weights.exists() else 0
     return _load_teacher(kind, str(ctx.teacher_dir), ctx.device, stamp)
 
 
-def _teacher(ctx: LoopContext):
-    return load_teacher(ctx)
-
-
-def save_snapshot(ctx: LoopContext, rows: pd.DataFrame, labels: tuple[str, ...]) -> str:
+def save_snapshot(ctx: LoopContext, rows: pd.DataFrame, labels: tuple[str, ...] | None) -> str:
     """Rows in, snapshot id out. Flows take ids, not tables: Prefect stores flow parameters in its API
     (512 KB limit), and an id names exactly what a round trained on."""
     snap = from_rows(rows, labels)
-    snap.save(Path(ctx.home) / "snapshots")
+    snap.save(ctx.paths.snapshots)
     return snap.id
 
 
-@task(name="teacher-soft-labels", retries=2, retry_delay_seconds=[2, 5], cache_policy=None)
-def soft_labels(ctx: LoopContext, snapshot_id: str) -> dict:
-    """Fill the cache for a snapshot; the teacher runs only on texts it has not seen."""
-    from kdops.soft_labels import SoftLabelCache
+def load_snapshot(ctx: LoopContext, snapshot_id: str) -> Snapshot:
+    return Snapshot.load(ctx.paths.snapshots, snapshot_id)
 
-    snap = Snapshot.load(Path(ctx.home) / "snapshots", snapshot_id)
-    cache = SoftLabelCache(Path(ctx.home) / "soft_labels.sqlite")
-    cache.get_or_compute(_teacher(ctx), snap.texts)
-    return cache.stats.to_dict()
+
+@task(name="teacher-outputs", retries=2, retry_delay_seconds=[2, 5], cache_policy=None)
+def teacher_outputs(ctx: LoopContext, recipe, snapshot_id: str) -> dict:
+    """Fill the kind's cache for a snapshot; the teacher runs only on inputs it has not seen."""
+    kind = kinds.for_recipe(recipe)
+    return kind.teacher_outputs(ctx.paths, load_teacher(ctx, recipe.kind), load_snapshot(ctx, snapshot_id).texts, recipe)
+
+
+def round_key(ctx: LoopContext, recipe, snapshot_id: str, champion: Artifact | None, replay: tuple[str, ...]) -> str:
+    teacher = load_teacher(ctx, recipe.kind)
+    parts = [snapshot_id, teacher.id, recipe.to_dict(), champion.weights_sha256 if champion else None, sorted(replay)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
 @task(name="distill", cache_policy=None)
-def distill_round(ctx: LoopContext, snapshot_id: str, cfg: DistillConfig, shape: StudentShape,
-                  champion_dir: str | None, parent_version: int | None) -> dict:
-    """Distil into ``<home>/students/<round key>``; a re-run with the same inputs reuses the finished artifact."""
-    import hashlib
-
-    from kdops.replay import ReplayBuffer
-    from kdops.rounds import run_round
-    from kdops.soft_labels import SoftLabelCache
-
-    teacher = _teacher(ctx)
-    key = hashlib.sha256(json.dumps([snapshot_id, teacher.id, cfg.to_dict(), champion_dir, str(shape)], default=str).encode()).hexdigest()[:12]
-    out = Path(ctx.home) / "students" / key
-    if (out / "kdops.json").exists():  # idempotent re-run: a killed flow does not retrain what it finished
-        return {"artifact": str(out), "reused": True, "key": key}
-    snap = Snapshot.load(Path(ctx.home) / "snapshots", snapshot_id)
-    replay_dir = Path(ctx.home) / "replay"
-    replay = ReplayBuffer.load(replay_dir) if (replay_dir / "replay.json").exists() else ReplayBuffer()
-    res = run_round(teacher, SoftLabelCache(Path(ctx.home) / "soft_labels.sqlite"), snap.rows, out, cfg, shape=shape,
-                    champion_dir=Path(champion_dir) if champion_dir else None, replay=replay,
-                    snapshot_ids={"train": snapshot_id}, parent_version=str(parent_version) if parent_version else None,
-                    checkpoint_dir=Path(ctx.home) / "checkpoints" / key, progress=False)
-    replay.save(replay_dir)
-    return {"artifact": str(out), "reused": False, "key": key, "history": res.result.history, "seconds": res.result.seconds,
-            "cache": res.cache, "soft_label_key": res.soft_label_key, "replay_rows": res.replay_rows}
+def distill_round(ctx: LoopContext, recipe, snapshot_id: str, champion: Artifact | None, parent_version: int | None,
+                  replay: tuple[str, ...] = ()) -> dict:
+    """Distil into ``<home>/<kind's students dir>/<round key>``; a re-run with the same inputs reuses the finished
+    artifact (a killed flow does not retrain what it finished)."""
+    kind = kinds.for_recipe(recipe)
+    key = round_key(ctx, recipe, snapshot_id, champion, replay)
+    out = ctx.paths.students(kind.students_dir) / key
+    if (out / "kdops.json").exists():
+        return {"artifact": str(out), "reused": True, "key": key, "history": []}
+    res = kind.run_round(kinds.RoundRequest(
+        home=ctx.paths, teacher=load_teacher(ctx, recipe.kind), train_snapshot=snapshot_id, out_dir=out, recipe=recipe,
+        champion=champion, parent_version=parent_version, replay_snapshots=tuple(replay), device=ctx.device))
+    return {"artifact": str(out), "reused": False, "key": key, "history": res.history, **res.info}
 
 
 @task(name="evaluate", cache_policy=None)
-def evaluate_student(ctx: LoopContext, artifact: str, eval_snapshot_id: str, speed: bool = False) -> dict:
-    from kdops.evaluate import evaluate
-    from kdops.predict import Predictor
-    from kdops.soft_labels import SoftLabelCache
-
-    teacher = _teacher(ctx)
-    snap = Snapshot.load(Path(ctx.home) / "snapshots", eval_snapshot_id)
-    rows = snap.rows[snap.rows["label"].isin(teacher.label_names)].reset_index(drop=True)
-    logits = SoftLabelCache(Path(ctx.home) / "soft_labels.sqlite").get_or_compute(teacher, rows["text"].tolist())
-    return evaluate(Predictor.from_dir(artifact), rows, logits, teacher.label_names, speed=speed, robustness=False,
-                    teacher_params=teacher.num_parameters()).to_dict()
+def evaluate(ctx: LoopContext, recipe, artifact: str, eval_snapshot_id: str, speed: bool = False) -> dict:
+    art = Artifact.read(artifact)
+    return kinds.get(art.kind).evaluate(ctx.paths, art, load_teacher(ctx, art.kind),
+                                        load_snapshot(ctx, eval_snapshot_id).rows, recipe, speed=speed)
 
 
 @task(name="gate", cache_policy=None)
-def gate_task(candidate: dict, champion: dict | None, thresholds: GateThresholds) -> Decision:
-    return gate(candidate, champion, thresholds)
+def gate_task(recipe, report: dict, champion_summary: dict | None) -> Decision:
+    return kinds.for_recipe(recipe).gate(report, champion_summary, recipe)
 
 
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=None)
-def register(ctx: LoopContext, artifact: str, report: dict, distill_info: dict, snapshot_ids: dict, cfg: DistillConfig) -> int:
-    """An MLflow run (params, metrics, report, plots, inputs) and a model version with lineage."""
-    from kdops import plots
-    from kdops.artifacts import read_meta
-    from kdops.registry import Registry
+def register(ctx: LoopContext, recipe, artifact: str, report: dict, distill_info: dict, snapshot_ids: dict) -> int:
+    """A tracking run (recipe, learning curve, report, plots, inputs) and a registry version with lineage."""
+    from kdops.registry import Registry, Tracking
 
-    reg = Registry(tracking_uri=ctx.tracking_uri)
-    sha = read_meta(artifact).weights_sha256
+    art = Artifact.read(artifact)
+    reg = Registry(tracking_uri=ctx.uri)
     for v in reg.versions(ctx.model):  # idempotent across re-runs: the same weights are one version
-        if v.get("weights_sha256") == sha:
+        if v.get("weights_sha256") == art.weights_sha256:
             return int(v["version"])
-    with reg.run(f"distill-{distill_info.get('key', '')}", tags={"kdops.round_key": distill_info.get("key", "")}) as run:
-        run.log_params({"distill": cfg.to_dict(), "reused": distill_info.get("reused")})
-        for rec in distill_info.get("history", []):
-            run.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["epoch"])
+    kind = kinds.get(art.kind)
+    metrics, figures = kind.tracking(report, distill_info.get("history") or [])
+    key = distill_info.get("key", "")
+    with Tracking(tracking_uri=ctx.uri).run(f"distill-{key}", tags={"kdops.round_key": key, "kdops.kind": art.kind.value}) as run:
+        run.log_params({"recipe": recipe.to_dict(), "reused": distill_info.get("reused")})
+        for i, rec in enumerate(distill_info.get("history") or []):
+            step = int(rec.get("epoch", rec.get("step", i)))
+            run.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}, step=step)
         run.log_eval_report(report)
+        if metrics:
+            run.log_metrics(metrics)
         for context, sid in snapshot_ids.items():
-            run.log_snapshot(Snapshot.load(Path(ctx.home) / "snapshots", sid), context=context)
-        if distill_info.get("history"):
-            run.log_figure(plots.learning_curves(distill_info["history"]), "learning_curves")
-        run.log_figure(plots.domain_accuracy({"student": report, "teacher": None, "champion": None}), "domain_accuracy")
-        return reg.register(artifact, run.run_id, name=ctx.model)
+            run.log_snapshot(load_snapshot(ctx, sid), context=context)
+        for name, fig in figures.items():
+            run.log_figure(fig, name)
+        return reg.register(artifact, run.run_id, name=ctx.model, lineage={"snapshot_ids": snapshot_ids})
 
 
 @task(name="hot-swap", retries=1, retry_delay_seconds=[5], cache_policy=None)
@@ -158,26 +155,16 @@ def hot_swap_task(ctx: LoopContext, artifact: str) -> dict:
     from serving.export import ExportConfig
     from serving.swap import SwapConfig, hot_swap
 
-    import os
-
-    key = ctx.triton_key or os.environ.get("KDOPS_TRITON_ADMIN_KEY", "")
-    client = ServingClient(ctx.triton_url, admin_key=key, grpc_url=ctx.triton_grpc_url)
+    client = ServingClient(ctx.triton_url, admin_key=ctx.admin_key, grpc_url=ctx.triton_grpc_url)
     cfg = SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1))
     return hot_swap(client, ctx.model, artifact, repo=ctx.repository, cfg=cfg).to_dict()
-
-
-@task(name="registry-promote", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=None)
-def promote_in_registry(ctx: LoopContext, version: int, reason: str, summary: dict) -> dict:
-    from kdops.registry import Registry
-
-    return Registry(tracking_uri=ctx.tracking_uri).promote(ctx.model, version, reason, summary, actor="promote_flow")
 
 
 @task(name="open-review", cache_policy=None)
 def open_review(ctx: LoopContext, kind: str, payload: dict, reason: str) -> int:
     from kdops.review import ReviewQueue
 
-    return ReviewQueue(Path(ctx.home) / "review.sqlite").add(kind, payload, reason)
+    return ReviewQueue(ctx.paths.review_db).add(kind, payload, reason)
 
 
 @task(name="review-labels", cache_policy=None)
@@ -189,13 +176,11 @@ def with_review_labels(ctx: LoopContext, train_id: str, eval_id: str) -> tuple[s
 
     from kdops.review import ReviewQueue
 
-    db = Path(ctx.home) / "review.sqlite"
-    if not db.exists():
+    if not ctx.paths.review_db.exists():
         return train_id, eval_id
-    queue, snaps = ReviewQueue(db), Path(ctx.home) / "snapshots"
-    out = []
+    queue, out = ReviewQueue(ctx.paths.review_db), []
     for sid, extra in ((train_id, queue.labelled_cases()), (eval_id, queue.golden_set())):
-        snap = Snapshot.load(snaps, sid)
+        snap = load_snapshot(ctx, sid)
         extra = extra[~extra["text"].isin(set(snap.rows["text"]))]
         unknown = extra[~extra["label"].isin(snap.labels or ())]
         if len(unknown):
@@ -211,16 +196,16 @@ def with_review_labels(ctx: LoopContext, train_id: str, eval_id: str) -> tuple[s
 
 @task(name="log-monitor-run", retries=2, retry_delay_seconds=[2, 5], cache_policy=None)
 def log_monitor_run(ctx: LoopContext, history_row: dict, rows: int) -> str:
-    """One MLflow run per checked window (experiment ``kdops-monitoring``): each test's statistic and p-value
+    """One tracking run per checked window (experiment ``kdops-monitoring``): each test's statistic and p-value
     as metrics, the verdict as tags, and the Evidently HTML report as an artifact. Returns the run id."""
     import math
 
-    from kdops.registry import Registry
+    from kdops.registry import Tracking
 
     name = f"monitor-{history_row.get('window_id') or history_row['timestamp']}"
     tags = {"kdops.verdict": history_row["decision"], "kdops.action": history_row["action"],
             "kdops.fired": ",".join(history_row.get("reasons", []))[:500]}
-    with Registry(tracking_uri=ctx.tracking_uri).run(name, experiment="kdops-monitoring", tags=tags) as run:
+    with Tracking(tracking_uri=ctx.uri).run(name, experiment="kdops-monitoring", tags=tags) as run:
         metrics = {"rows": float(rows)}
         for test, r in history_row.get("tests", {}).items():
             for k in ("statistic", "p_value"):

@@ -1,4 +1,9 @@
-"""``kdops review ...``: a typer sub-app the main CLI mounts (``app.add_typer(review_app, name="review")``)."""
+"""``kdops review ...``: the review queue's typer sub-app.
+
+A ``candidate`` case is a model: approving or rejecting it moves the registry and Triton, which kdops/ cannot
+reach, so this app refuses those two and the ``kdops`` command mounts ``flows.promotion_cli.review_app`` instead,
+whose ``approve`` / ``reject`` decide candidates through ``flows.promotion``.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +35,11 @@ def _who(reviewer: str | None) -> str:
 
 def _decide(db, case_id, decision, label, reviewer) -> None:
     try:
-        c = _queue(db).decide(case_id, decision, label=label, reviewer=_who(reviewer))
+        queue = _queue(db)
+        if decision in ("approve", "reject") and queue.get(case_id)["kind"] == "candidate":
+            raise ReviewError(f"case {case_id} is a candidate model: `kdops review {decision}` decides it in the "
+                              "registry (and on Triton), not this queue-only command.")
+        c = queue.decide(case_id, decision, label=label, reviewer=_who(reviewer))
     except ReviewError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e

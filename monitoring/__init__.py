@@ -11,6 +11,7 @@ Public API (nothing runs on import; evidently is imported inside the functions t
 from monitoring.checks import ReferenceProfile, profile_reference, run_checks
 from monitoring.config import (
     DisagreementCheck,
+    calibrated_config,
     EmbeddingDriftCheck,
     MonitorConfig,
     PredictionDriftCheck,
@@ -20,11 +21,11 @@ from monitoring.config import (
 from monitoring.report import append_history, read_history, render_dashboard, write_report
 from monitoring.stats import TestResult
 from monitoring.verdict import OK, RETRAIN, REVIEW, Trigger, TriggerState, Verdict, verdict
-from monitoring.window import WindowResult, monitor_window
+from monitoring.window import WindowResult, monitor_window, reset_trigger
 
 __all__ = [
     "DisagreementCheck", "EmbeddingDriftCheck", "MonitorConfig", "PredictionDriftCheck", "TextDriftCheck",
     "TriggerConfig", "ReferenceProfile", "profile_reference", "run_checks", "TestResult", "Verdict", "verdict",
     "Trigger", "TriggerState", "OK", "RETRAIN", "REVIEW", "append_history", "read_history", "render_dashboard",
-    "write_report", "WindowResult", "monitor_window",
+    "write_report", "WindowResult", "monitor_window", "reset_trigger", "calibrated_config",
 ]

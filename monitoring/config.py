@@ -6,7 +6,7 @@ Like Evidently's split between a metric (the declaration) and its calculation, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Names of the statistical tests one window runs; the false-alarm budget is split across all of them.
 DESCRIPTORS = ("text_length", "word_count", "non_letter_share", "oov_share")
@@ -147,3 +147,15 @@ class TriggerConfig:
             raise ValueError("need 1 <= k <= n.")
         if self.cooldown < 0:
             raise ValueError("cooldown must be >= 0.")
+
+
+def calibrated_config(baseline_rate: float | None, base: MonitorConfig | None = None) -> MonitorConfig:
+    """The monitor config for one champion: its disagreement baseline is the champion's own disagreement with the
+    teacher on its training texts (a fixed baseline would be wrong for most students), and the teacher re-labels
+    the whole window (a 5 % sample cannot reach the split alpha). Without a baseline (a kind with no teacher
+    labels to disagree with) the checks stay as they are."""
+    base = base or MonitorConfig()
+    if baseline_rate is None:
+        return base
+    check = DisagreementCheck(sample_share=1.0, baseline_rate=min(0.5, baseline_rate), tolerance=0.03)
+    return replace(base, disagreement=check)

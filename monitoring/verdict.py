@@ -109,6 +109,12 @@ class Trigger:
         tmp.replace(path)  # atomic: a crash never leaves a half-written state that would reset the cool-down
         return path
 
+    @staticmethod
+    def reset(path: str | Path) -> None:
+        """Forget the saved state: a new champion starts with a fresh trigger (hysteresis counted against the
+        previous one means nothing for it)."""
+        Path(path).unlink(missing_ok=True)
+
     @classmethod
     def load(cls, path: str | Path, config: TriggerConfig | None = None) -> "Trigger":
         """The saved trigger state, under ``config`` when given (configuration changes apply to the saved

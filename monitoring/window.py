@@ -30,6 +30,15 @@ class WindowResult:
     history_row: dict = field(metadata={"help": "The row appended to the drift history."})
 
 
+def trigger_path(out_dir: str | Path) -> Path:
+    """Where ``monitor_window`` keeps the trigger's state under a monitoring directory."""
+    return Path(out_dir) / "trigger.json"
+
+
+def reset_trigger(out_dir: str | Path) -> None:
+    Trigger.reset(trigger_path(out_dir))
+
+
 def monitor_window(ref: ReferenceProfile, current: pd.DataFrame, out_dir: str | Path,
                    config: MonitorConfig = MonitorConfig(), trigger_config: TriggerConfig = TriggerConfig(),
                    teacher: TeacherFn | None = None, window_id: str | None = None,
@@ -44,9 +53,9 @@ def monitor_window(ref: ReferenceProfile, current: pd.DataFrame, out_dir: str | 
     window_id = window_id or now.strftime("%Y%m%dT%H%M%S%fZ")
     results = run_checks(ref, current, config, teacher)
     v = verdict(results)
-    trigger = Trigger.load(out_dir / "trigger.json", trigger_config)
+    trigger = Trigger.load(trigger_path(out_dir), trigger_config)
     action = trigger.update(v.decision)
-    trigger.save(out_dir / "trigger.json")
+    trigger.save(trigger_path(out_dir))
     report = write_report(ref, current, results, v, config, out_dir / "reports" / f"{window_id}.html") \
         if write_html else None
     row = append_history(out_dir / "history.jsonl", results, v, action, report, window_id, now)

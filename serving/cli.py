@@ -76,18 +76,23 @@ def serve(
             pass
 
 
+def _swap_cmd(note: str, student: Path, repository: Path, model: str, url, grpc_url, admin_key, prediction_log,
+              streaming: bool) -> None:
+    from serving.swap import hot_swap
+
+    try:
+        typer.echo(json.dumps(hot_swap(_client(url, grpc_url, admin_key), model, student, repository,
+                                       _swap_cfg(prediction_log, streaming), note=note).to_dict()))
+    except Exception as e:
+        _fail(e)
+
+
 @app.command("deploy")
 def deploy_cmd(student: Path = typer.Argument(..., help="Student artifact dir."), repository: Path = RepoOption,
                model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
                prediction_log: Path = LogDirOption, streaming: bool = StreamingOption) -> None:
     """Export a student and serve it under the model name (first deployment or a new version)."""
-    from serving.swap import deploy
-
-    try:
-        typer.echo(json.dumps(deploy(_client(url, grpc_url, admin_key), model, student, repository,
-                                     _swap_cfg(prediction_log, streaming)).to_dict()))
-    except Exception as e:
-        _fail(e)
+    _swap_cmd("deploy", student, repository, model, url, grpc_url, admin_key, prediction_log, streaming)
 
 
 @app.command("swap")
@@ -95,13 +100,7 @@ def swap_cmd(student: Path = typer.Argument(..., help="New student artifact dir.
              model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
              prediction_log: Path = LogDirOption, streaming: bool = StreamingOption) -> None:
     """Hot swap: load beside the old version, verify, switch, unload the old. A failure keeps the old one."""
-    from serving.swap import hot_swap
-
-    try:
-        typer.echo(json.dumps(hot_swap(_client(url, grpc_url, admin_key), model, student, repository,
-                                       _swap_cfg(prediction_log, streaming)).to_dict()))
-    except Exception as e:
-        _fail(e)
+    _swap_cmd("swap", student, repository, model, url, grpc_url, admin_key, prediction_log, streaming)
 
 
 @app.command("rollback")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -237,3 +238,11 @@ class ServingClient:
     def index(self) -> list[dict]:
         """The repository index: name, version, state (READY, UNAVAILABLE, UNLOADING...), reason."""
         return self._control("get_model_repository_index")
+
+
+def client_for(target) -> tuple[ServingClient, Path | None]:
+    """A client for ``target`` (a TritonServer, embedded or attached, or a ServingClient itself) and the server's
+    model repository when the target knows it."""
+    if isinstance(target, ServingClient):
+        return target, None
+    return ServingClient.for_server(target), getattr(target, "repository", None)

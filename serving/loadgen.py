@@ -8,15 +8,21 @@ thread-per-client HTTP load does. Every request's latency and outcome is returne
     with LoadProcess(grpc_url, "student", clients=32) as lp:
         ...                      # swap, measure, wait
     lat_s, errors, rps = lp.result()
+
+``LoadGenerator`` is the demo's steady traffic instead: a few HTTP client threads at a set pace whose texts can
+change while it runs (a domain shift), every request recorded with its outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import threading
 import time
 
 import numpy as np
+
+from serving.client import ServingClient
 
 
 async def _run(grpc_url: str, model: str, clients: int, texts: list[str], stop, started) -> tuple[list, list, float]:
@@ -95,3 +101,54 @@ class LoadProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LoadGenerator:
+    """Client threads calling Triton with texts of the current domain; every request is recorded."""
+
+    def __init__(self, url: str, model: str, threads: int = 8, rate_limit_s: float = 0.0):
+        self.url, self.model, self.threads, self.pause = url, model, threads, rate_limit_s
+        self.pool: list[str] = []
+        self.samples: list[tuple[float, float, bool]] = []
+        self.stop_event = threading.Event()
+        self.t0 = time.time()
+        self.lock = threading.Lock()
+        self.workers: list[threading.Thread] = []
+
+    def set_pool(self, texts: list[str]) -> None:
+        self.pool = list(texts)
+
+    def _run(self, seed: int) -> None:
+        client, rng = ServingClient(self.url, timeout_s=30), np.random.default_rng(seed)
+        while not self.stop_event.is_set():
+            pool = self.pool
+            if not pool:
+                time.sleep(0.1)
+                continue
+            text = pool[int(rng.integers(len(pool)))]
+            t = time.time()
+            try:
+                client.predict(self.model, [text])
+                ok = True
+            except Exception:  # counted, not raised: a failed request is what a run measures
+                ok = False
+            with self.lock:
+                self.samples.append((t - self.t0, (time.time() - t) * 1000, ok))
+            if self.pause:
+                time.sleep(self.pause)
+
+    def start(self) -> "LoadGenerator":
+        self.workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
+        for w in self.workers:
+            w.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for w in self.workers:
+            w.join(35)
+
+    def failed_between(self, a: float, b: float) -> tuple[int, int]:
+        with self.lock:
+            rows = [s for s in self.samples if a - self.t0 <= s[0] <= b - self.t0]
+        return sum(1 for s in rows if not s[2]), len(rows)

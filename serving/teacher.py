@@ -14,20 +14,24 @@ import json
 
 import numpy as np
 
-from serving.client import ServingClient
+from serving.client import ServingClient, client_for
 from serving.export import ExportConfig, export_lm_teacher, export_teacher
+
+
+def _teacher_params(client: ServingClient, model_name: str, role: str) -> dict[str, str]:
+    """The served model's kdops parameters; ValueError unless its export made it a ``role`` model."""
+    params = {k: v.get("string_value", "") for k, v in client.model_config(model_name).get("parameters", {}).items()}
+    if params.get("kdops_kind") != role:
+        raise ValueError(f"{model_name} is not a kdops {role} model (kdops_kind={params.get('kdops_kind')!r})")
+    return params
 
 
 class TritonTeacher:
     """``Teacher`` protocol over a Triton model exported by ``export_teacher``."""
 
     def __init__(self, url: str, model_name: str, batch_size: int = 64, timeout_s: float = 120.0):
-        self.client = ServingClient(url, timeout_s=timeout_s)
-        self.model_name, self.batch_size = model_name, batch_size
-        cfg = self.client.model_config(model_name)
-        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        if params.get("kdops_kind") != "teacher":
-            raise ValueError(f"{model_name} is not a kdops teacher model (kdops_kind={params.get('kdops_kind')!r})")
+        self.client, self.model_name, self.batch_size = ServingClient(url, timeout_s=timeout_s), model_name, batch_size
+        params = _teacher_params(self.client, model_name, "teacher")
         self.label_names = json.loads(params["kdops_label_names"])
         # The content id of the exported weights: soft-label caches keyed on it stay valid across servers.
         self.id = params.get("kdops_teacher_id") or f"triton:{model_name}"
@@ -42,9 +46,7 @@ class TritonTeacher:
 def _deploy(export, server_or_client, hf_dir, name: str, repo, version: int, cfg: ExportConfig) -> str:
     from pathlib import Path
 
-    from serving.swap import _as_client
-
-    client, server_repo = _as_client(server_or_client)
+    client, server_repo = client_for(server_or_client)
     export(hf_dir, Path(repo or server_repo), name, version, cfg)
     client.load(name)
     return name
@@ -60,12 +62,8 @@ class TritonLMTeacher:
     """``LMTeacher`` over a Triton model exported by ``export_lm_teacher``."""
 
     def __init__(self, url: str, model_name: str, tokenizer_dir=None, batch_size: int = 16, timeout_s: float = 300.0):
-        self.client = ServingClient(url, timeout_s=timeout_s)
-        self.model_name, self.batch_size = model_name, batch_size
-        cfg = self.client.model_config(model_name)
-        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        if params.get("kdops_kind") != "lm-teacher":
-            raise ValueError(f"{model_name} is not a kdops LM teacher (kdops_kind={params.get('kdops_kind')!r})")
+        self.client, self.model_name, self.batch_size = ServingClient(url, timeout_s=timeout_s), model_name, batch_size
+        params = _teacher_params(self.client, model_name, "lm-teacher")
         self.id = params["kdops_teacher_id"]
         self.vocab_size = int(params["kdops_vocab_size"])
         self.start_id, self.pad_id = int(params["kdops_start_id"]), int(params["kdops_pad_id"])

@@ -7,6 +7,9 @@ serving and in the registry.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -47,13 +50,14 @@ def _rows(texts, domain):
 
 
 def test_lm_loop_register_serve_continue_and_reject(tmp_path, monkeypatch, harness, lm_teacher_dir, triton):
-    from flows.lm import distill_lm_flow
+    from flows.loop import distill_flow
     from flows.tasks import LoopContext, save_snapshot
+    from kdops.recipes import LMRecipe
     from kdops.gate import LMGateThresholds
     from kdops.lm.distill import LMDistillConfig
     from kdops.lm.predict import LMGenerator
     from kdops.lm.rounds import LMShape
-    from kdops.registry import Registry
+    from kdops.registry import Champion, Registry
     from serving.client import ServingClient
 
     home = tmp_path / "home"
@@ -63,40 +67,41 @@ def test_lm_loop_register_serve_continue_and_reject(tmp_path, monkeypatch, harne
                       repository=str(triton.repository), prediction_log=str(tmp_path / "predlog"), model="lm")
     cfg = LMDistillConfig(steps=6, batch_size=4, topk=8, lr=1e-3, replay_fraction=0.25)
     shape = LMShape(layers=2, trim_vocab=0)  # vocabulary trimmed to the text's words: <other> and its tail in play
-    loose = LMGateThresholds(max_ppl_ratio=1e6, max_domain_ppl_increase=10.0)
+    loose = LMRecipe(name="tiny", distill=cfg, shape=shape, max_length=16,
+                     gate=LMGateThresholds(max_ppl_ratio=1e6, max_domain_ppl_increase=10.0))
     train1 = save_snapshot(ctx, pd.concat([_rows(A, "a"), _rows(B, "b")]), None)
     eval_id = save_snapshot(ctx, pd.concat([_rows(A[:2], "a"), _rows(B[:2], "b")]), None)
 
-    r1 = distill_lm_flow(ctx, train1, eval_id, cfg, shape, loose, None, max_length=16)
+    r1 = distill_flow(ctx, train1, eval_id, loose, None)
     assert r1["decision"]["action"] == "promote" and "promotion" in r1
     assert set(r1["report"]["ppl_by_domain"]) == {"a", "b"} and r1["summary"]["param_ratio"] < 1
     reg = Registry(tracking_uri=ctx.tracking_uri)
     assert reg.champion("lm") == r1["version"]
     lineage = reg.lineage("lm", r1["version"])
     assert lineage["details"]["layers"] == [0, 3] and lineage["snapshot_ids"]["train"] == train1
-    assert lineage["details"]["tail"]["prior"] in ("uniform", "zipf")  # the dropped-id tail was fitted on the round's text
+    assert lineage["details"]["tail"]["prior"] == "uniform"  # the dropped-id tail was fitted on the round's text
     prompts = ["the movie was", "where is the"]
     served = ServingClient(triton.url).generate("lm", prompts, max_tokens=5, temperature=0.0)
     assert served.texts == [g.text for g in LMGenerator.from_dir(r1["artifact"]).generate(prompts, 5, 0.0)]
     student, _, meta = reg.load("lm", "champion")  # the registry hands back an LM student, not a classifier
-    assert meta.kind == "causal-lm" and student.num_parameters() == r1["summary"]["student_params"]
+    assert meta.kind == "causal-lm" and student.num_parameters() == r1["report"]["summary"]["student_params"]
     assert student.trimmed and float(student.tail_logprob.exp().sum()) == pytest.approx(
         student.keep_ids.numel() + 1.0, abs=1e-3)  # exp(0) at kept ids, + a distribution over the dropped ones
 
     # Round 2: new text, continue the champion with replay of round 1; gated per domain against it.
-    champion = {"version": r1["version"], "artifact": r1["artifact"], "report": r1["summary"]}
+    champion = Champion(r1["version"], Path(r1["artifact"]), r1["summary"])
     train2 = save_snapshot(ctx, _rows(["the story was fun and the film was great", "the phone battery is bad"], "a"), None)
-    r2 = distill_lm_flow(ctx, train2, eval_id, cfg, shape, loose, champion, max_length=16, replay_ids=[train1])
+    r2 = distill_flow(ctx, train2, eval_id, loose, champion, replay_ids=[train1])
     assert r2["distill"]["replay_pool"] > 0 and r2["version"] != r1["version"]
     assert reg.lineage("lm", r2["version"])["parent_version"] == r1["version"]
     assert any("student_ppl/a" in reason for reason in r2["decision"]["reasons"])
     assert reg.champion("lm") == r2["version"]
 
     # A round the gate rejects: nothing is swapped, the champion stays serving and in the registry.
-    strict = LMGateThresholds(max_ppl_ratio=1e-6)
+    strict = replace(loose, gate=LMGateThresholds(max_ppl_ratio=1e-6))
     train3 = save_snapshot(ctx, _rows(["a new sentence about the city"], "b"), None)
-    champ2 = {"version": r2["version"], "artifact": r2["artifact"], "report": r2["summary"]}
-    r3 = distill_lm_flow(ctx, train3, eval_id, cfg, shape, strict, champ2, max_length=16)
+    champ2 = Champion(r2["version"], Path(r2["artifact"]), r2["summary"])
+    r3 = distill_flow(ctx, train3, eval_id, strict, champ2)
     assert r3["decision"]["action"] == "reject" and "promotion" not in r3
     assert reg.champion("lm") == r2["version"]
     label = ServingClient(triton.url).generate("lm", ["ok"], max_tokens=1).versions[0]

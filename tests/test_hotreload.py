@@ -82,14 +82,14 @@ def test_unreadable_or_invalid_requests_are_ignored(tmp_path):
     assert slot_directory(tmp_path / "repo", "m__s0") == tmp_path / "repo.kdops-reload" / "m__s0"  # outside the repo
 
 
-def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_student_dir, tiny_tokenizer):
+def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_student_dir, tiny_tokenizer, tiny_lm_dir):
     from kdops.artifacts import Lineage, save_student
     from kdops.student import from_teacher
-    from serving.export import ExportConfig, export_student, reload_compatible
+    from serving.export import ExportConfig, export_artifact, reload_compatible
     from tests.conftest import make_teacher
 
     repo = tmp_path / "repo"
-    export_student(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
+    export_artifact(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
     assert reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
     assert not reload_compatible(tiny_student_dir, repo, "m__s0", 4, ExportConfig())  # not the loaded version
     assert not reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig(max_queue_delay_us=500))
@@ -97,6 +97,7 @@ def test_reload_compatible_only_when_config_and_code_match(tmp_path, tiny_studen
                                                           embedding_size=16),
                          tiny_tokenizer, ["a", "b", "c"], 32, Lineage()).path
     assert not reload_compatible(three, repo, "m__s0", 3, ExportConfig())  # other outputs: a fresh load
+    assert not reload_compatible(tiny_lm_dir, repo, "m__s0", 3, ExportConfig())  # another kind: a fresh load
     (repo / "m__s0" / "3" / "model.py").write_text("# older code\n")
     assert not reload_compatible(tiny_student_dir, repo, "m__s0", 3, ExportConfig())
 

@@ -58,10 +58,11 @@ def test_distil_real_slice_student_tracks_teacher(tmp_path, tiny_real_teacher):
     res2 = run_round(teacher, cache, tweets, tmp_path / "v2", DistillConfig(epochs=1, lr=1e-4, replay_share=0.5),
                      champion_dir=res.artifact, replay=replay, progress=False)
     assert res2.replay_rows == 150 and cache.stats.misses - before == 300  # replayed rows were cache hits
-    assert res2.lineage["incremental"] and len(replay.rows["domain"].unique()) == 2
+    assert res2.lineage.details["incremental"] and len(replay.rows["domain"].unique()) == 2
     rep2 = evaluate(Predictor.from_dir(res2.artifact), test, logits, teacher.label_names, speed=False)
     decision = gate(rep2.to_dict(), rep.to_dict())
-    assert decision.action in ("promote", "review", "reject") and decision.reasons
+    # one epoch on tweets at a low rate leaves the tiny student far from the teacher overall: the gate says no
+    assert decision.action == "reject" and decision.reasons[0].startswith("retention")
 
 
 def test_cli_help_and_errors(tmp_path, kdops_home):

@@ -312,20 +312,20 @@ def test_lm_gate_against_teacher_and_champion():
 
 
 def test_lm_artifact_is_told_apart_from_a_classifier(tmp_path):
-    from kdops.artifacts import load_student, read_meta
-    from serving.export import artifact_kind, export_artifact, export_student
+    from kdops.artifacts import Artifact, Kind, load_student
+    from serving.export import export_artifact
 
     d = save_lm_student(tmp_path / "s", LMStudent(tiny_llama(2), V), TinyTokenizer(), lineage=Lineage(teacher_id="t")).path
-    meta = read_meta(d)
-    assert meta.kind == "causal-lm" and len(meta.weights_sha256) == 64 and meta.lineage.teacher_id == "t"
-    assert artifact_kind(d) == "causal-lm"
+    art = Artifact.read(d)
+    assert art.kind is Kind.CAUSAL_LM and len(art.weights_sha256) == 64 and art.lineage.teacher_id == "t"
     with pytest.raises(ArtifactError, match="causal-lm"):
         load_student(d)
-    with pytest.raises(ArtifactError, match="causal-lm"):
-        export_student(d, tmp_path / "repo", "m")
-    vdir = export_artifact(d, tmp_path / "repo", "g", 2)
+    vdir = export_artifact(art, tmp_path / "repo", "g", 2)  # the one export: the kind's spec decides the IO
     text = (tmp_path / "repo" / "g" / "config.pbtxt").read_text()
-    assert "COMPLETION" in text and '"causal-lm"' in text and (vdir / "model.py").read_text().startswith('"""Triton Python-backend adapter for a kdops causal-LM')
+    assert 'name: "PROMPT" data_type: TYPE_STRING' in text and 'name: "COMPLETION" data_type: TYPE_STRING' in text
+    assert "PROBABILITIES" not in text and '"kdops_kind" value { string_value: "causal-lm" }' in text
+    assert f'string_value: "2-{art.weights_sha256[:8]}"' in text
+    assert (vdir / "model.py").read_text().startswith('"""Triton Python-backend adapter for a kdops causal-LM')
 
 
 def test_layer_influence_keeps_the_layers_that_change_the_hidden_state():

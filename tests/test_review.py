@@ -82,18 +82,114 @@ def test_cli_list_show_label_approve_reject(tmp_path):
     db = tmp_path / "r.sqlite"
     q = ReviewQueue(db)
     a = q.add("low_confidence", {"text": "the film was long"}, "confidence 0.51")
-    b = q.add("candidate", {"model_version": "3"}, "gate said review")
-    c = q.add("candidate", {"model_version": "4"}, "gate said review")
+    b = q.add("drift", {"window_id": "w-3"}, "two alarms in three windows")
+    c = q.add("invalid_input", {"error": "text 0 is empty"}, "failed validation")
+    d = q.add("candidate", {"version": 4}, "gate said review")
     run = CliRunner().invoke
     out = run(review_app, ["list", "--db", str(db)])
     assert out.exit_code == 0 and "the film was long" in out.output
-    assert '"model_version": "3"' in run(review_app, ["show", str(b), "--db", str(db)]).output
+    assert '"window_id": "w-3"' in run(review_app, ["show", str(b), "--db", str(db)]).output
     assert run(review_app, ["label", str(a), "neg", "--reviewer", "ana", "--db", str(db)]).exit_code == 0
     assert run(review_app, ["approve", str(b), "-r", "ana", "--db", str(db)]).exit_code == 0
     assert run(review_app, ["reject", str(c), "-r", "ana", "--db", str(db)]).exit_code == 0
     assert run(review_app, ["reject", str(c), "--db", str(db)]).exit_code == 1  # already decided
     assert run(review_app, ["show", "99", "--db", str(db)]).exit_code == 1
-    assert [x["status"] for x in ReviewQueue(db).list()] == ["labelled", "approved", "rejected"]
-    assert "no cases" in run(review_app, ["list", "--db", str(db)]).output
+    # a candidate model is decided where the registry and Triton move (flows.promotion_cli), not queue-only
+    out = run(review_app, ["approve", str(d), "-r", "ana", "--db", str(db)])
+    assert out.exit_code == 1 and f"case {d} is a candidate model" in out.output
+    assert [x["status"] for x in ReviewQueue(db).list()] == ["labelled", "approved", "rejected", "open"]
+    assert [x["id"] for x in ReviewQueue(db).open()] == [d]
     helps = run(review_app, ["label", "--help"]).output
     assert "--reviewer" in helps and "correct label" in helps
+
+
+@pytest.fixture
+def loop(tmp_path, monkeypatch, tiny_student_dir):
+    """A registry (SQLite MLflow store) with a champion v1 and two candidates v2, v3; no Triton."""
+    from test_registry import make_variant
+
+    from flows.tasks import LoopContext
+    from kdops.registry import Registry, Tracking
+
+    monkeypatch.setenv("KDOPS_HOME", str(tmp_path / "home"))
+    for var in ("KDOPS_TRITON_URL", "KDOPS_TRITON_GRPC_URL", "KDOPS_TRITON_ADMIN_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = LoopContext(home=str(tmp_path / "home"), teacher_dir="", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                      model="rev")
+    reg = Registry(tracking_uri=ctx.tracking_uri)
+    dirs = [tiny_student_dir] + [make_variant(tiny_student_dir, tmp_path / f"v{i}", seed=30 + i) for i in (2, 3)]
+    with Tracking(store=reg.store).run("train") as run:
+        versions = [reg.register(d, run.run_id, "rev", {"teacher_id": "t"}) for d in dirs]
+    reg.promote("rev", versions[0], "first", actor="test")
+    return ctx, reg, versions, dirs
+
+
+def test_gate_review_makes_a_challenger_and_the_cli_approval_promotes_it(loop):
+    from flows.promotion import act_on_decision
+    from flows.promotion_cli import review_app as loop_review_app
+    from kdops.gate import Decision
+
+    ctx, reg, (v1, v2, v3), dirs = loop
+    db = ctx.paths.review_db
+    summary = {"retention": 0.965, "per_domain": {"movie": {"accuracy": 0.81, "n": 400}}}
+    why = "retention 0.9650 (limit >= 0.9700): missed by 0.0050, within the review band"
+    out = act_on_decision(ctx, Decision("review", (why,)), v2, str(dirs[1]), summary, deploy=True)
+    assert (reg.champion("rev"), reg.challenger("rev")) == (v1, v2)  # the champion keeps serving meanwhile
+    case = ReviewQueue(db).get(out["review_id"])
+    assert (case["kind"], case["reason"], case["payload"]) == \
+        ("candidate", why, {"model": "rev", "version": v2, "summary": summary, "artifact": str(dirs[1])})
+    assert {k: out["ledger"][k] for k in ("action", "version", "previous_champion", "actor", "reason")} == \
+        {"action": "review", "version": v2, "previous_champion": v1, "actor": "gate", "reason": why}
+
+    run = CliRunner().invoke
+    common = ["--db", str(db), "--tracking-uri", ctx.tracking_uri]
+    res = run(loop_review_app, ["approve", str(out["review_id"]), "-r", "ana", *common])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == [f"case {out['review_id']}: approved by ana",
+                                       f"rev: v{v2} is champion; registry only (no --triton-url): the served model is unchanged"]
+    assert (reg.champion("rev"), reg.challenger("rev")) == (v2, None)
+    assert [(e["action"], e["version"], e["actor"]) for e in reg.ledger("rev")] == \
+        [("promote", v1, "test"), ("review", v2, "gate"), ("promote", v2, "ana")]
+    assert reg.ledger("rev")[-1]["report_summary"] == summary  # what the next round's gate reads back
+    assert reg.champion_info("rev").report == summary
+    res = run(loop_review_app, ["approve", str(out["review_id"]), "-r", "bob", *common])
+    assert res.exit_code == 1 and "already approved (by ana)" in res.output
+
+
+def test_gate_reject_and_a_reviewers_reject_are_written_to_the_ledger(loop):
+    from flows.promotion import act_on_decision
+    from flows.promotion_cli import review_app as loop_review_app
+    from kdops.gate import Decision
+
+    ctx, reg, (v1, v2, v3), dirs = loop
+    db = ctx.paths.review_db
+    why = "slice 'tweets' accuracy 0.7100 (limit >= 0.8000): missed by 0.0900"
+    out = act_on_decision(ctx, Decision("reject", (why,)), v3, str(dirs[2]), {"retention": 0.91}, deploy=True)
+    assert set(out) == {"ledger"} and not db.exists()  # no case for a person: nothing to decide
+    assert (reg.champion("rev"), reg.challenger("rev")) == (v1, None)
+    assert {k: reg.ledger("rev")[-1][k] for k in ("action", "version", "previous_champion", "actor", "reason")} == \
+        {"action": "reject", "version": v3, "previous_champion": v1, "actor": "gate", "reason": why}
+    assert {r["version"]: r["state"] for r in reg.versions("rev")} == {v1: "champion", v2: "", v3: "rejected"}
+    # a re-run round whose weights are the champion's: nothing to record
+    assert act_on_decision(ctx, Decision("reject", ("x",)), v1, str(dirs[0]), {}, deploy=True) == {"ledger": None}
+
+    case_id = act_on_decision(ctx, Decision("review", ("close call",)), v2, str(dirs[1]), {}, deploy=True)["review_id"]
+    run = CliRunner().invoke
+    res = run(loop_review_app, ["reject", str(case_id), "-r", "ana", "--db", str(db), "--tracking-uri", ctx.tracking_uri])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == [f"case {case_id}: rejected by ana", f"rev: v{v2} rejected in the ledger"]
+    assert (reg.champion("rev"), reg.challenger("rev")) == (v1, None)
+    assert [(e["action"], e["version"], e["actor"]) for e in reg.ledger("rev")][-2:] == \
+        [("review", v2, "gate"), ("reject", v2, "ana")]
+
+
+def test_a_failed_approval_leaves_the_case_open_and_the_champion_in_place(loop):
+    from flows.promotion_cli import review_app as loop_review_app
+
+    ctx, reg, (v1, v2, v3), dirs = loop
+    db = ctx.paths.review_db
+    case_id = ReviewQueue(db).add("candidate", {"model": "rev", "version": 99, "summary": {}}, "gate said review")
+    res = CliRunner().invoke(loop_review_app, ["approve", str(case_id), "-r", "ana", "--db", str(db),
+                                               "--tracking-uri", ctx.tracking_uri])
+    assert res.exit_code == 1 and res.output.startswith("error: rev: no version or alias 99 ")
+    assert ReviewQueue(db).get(case_id)["status"] == "open" and reg.champion("rev") == v1

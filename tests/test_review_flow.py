@@ -36,20 +36,22 @@ def test_review_flow_pauses_for_a_form_and_applies_decisions(tmp_path, harness, 
     from flows.review import review_flow
     from flows.tasks import LoopContext, save_snapshot, with_review_labels
     from kdops.data import Snapshot
-    from kdops.registry import Registry
+    from kdops.registry import Registry, Tracking
     from kdops.review import ReviewQueue
 
     import pandas as pd
 
     ctx = LoopContext(home=str(tmp_path / "home"), teacher_dir="unused", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     reg = Registry(tracking_uri=ctx.tracking_uri)
-    with reg.run("candidate") as run:
+    with Tracking(store=reg.store).run("candidate") as run:
         version = reg.register(tiny_student_dir, run.run_id, name=ctx.model)
+    reg.review(ctx.model, version, "slice movie dropped 2.1 points", {"retention": 0.97}, actor="gate")
     queue = ReviewQueue(tmp_path / "home" / "review.sqlite")
     good = queue.add("low_confidence", {"text": "a truly wonderful film"}, "confidence 0.51")
     bad = queue.add("disagreement", {"text": "not sure about this one"}, "teacher says neg")
     skipped = queue.add("low_confidence", {"text": "meh"}, "confidence 0.50")
-    cand = queue.add("candidate", {"version": version, "summary": {"retention": 0.97}}, "slice movie dropped 2.1 points")
+    cand = queue.add("candidate", {"model": ctx.model, "version": version, "summary": {"retention": 0.97}},
+                     "slice movie dropped 2.1 points")
 
     result = {}
     t = threading.Thread(target=lambda: result.update(review_flow(ctx, ["neg", "pos"], poll_s=1)), daemon=True)
@@ -71,8 +73,11 @@ def test_review_flow_pauses_for_a_form_and_applies_decisions(tmp_path, harness, 
     assert [e["case_id"] for e in result["errors"]] == [bad]
     assert queue.get(good)["status"] == "labelled" and queue.get(good)["reviewer"] == "ana"
     assert queue.get(bad)["status"] == "open" and queue.get(skipped)["status"] == "open"
-    assert reg.champion(ctx.model) == version  # approved candidate promoted (no Triton here: registry only)
-    assert reg.ledger(ctx.model)[-1]["actor"] == "ana"
+    # the approved challenger is promoted (no Triton here: the registry step is the whole transaction)
+    assert (reg.champion(ctx.model), reg.challenger(ctx.model)) == (version, None)
+    assert [(e["action"], e["version"], e["actor"]) for e in reg.ledger(ctx.model)] == \
+        [("review", version, "gate"), ("promote", version, "ana")]
+    assert queue.get(cand)["status"] == "approved"
 
     # the labelled case is a hard label in the next round, and a golden evaluation row
     labels = ("neg", "pos")

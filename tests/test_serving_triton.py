@@ -86,10 +86,10 @@ def test_in_place_reload_waits_for_every_instance(served, second_student, tiny_s
 def test_dlpack_outputs_match_numpy_outputs(served, tiny_student_dir):
     """The output path NVIDIA's GPU container takes (DLPack tensors, also forced with numpy 2), run on CPU."""
     from kdops.predict import Predictor
-    from serving.export import ExportConfig, export_student
+    from serving.export import ExportConfig, export_artifact
 
     server = served[0]
-    export_student(tiny_student_dir, server.repository, "student_dlpack", 1, ExportConfig(dlpack_outputs=True))
+    export_artifact(tiny_student_dir, server.repository, "student_dlpack", 1, ExportConfig(dlpack_outputs=True))
     client = _client(server)
     client.load("student_dlpack")
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import pandas as pd
 
@@ -24,7 +24,7 @@ class Tensor:
 
     name: str
     dtype: str
-    dims: int = 1
+    dims: int | tuple[int, ...] = 1  # 0: one per label; a tuple for several dims (-1: any length)
     optional: bool = False
 
 
@@ -35,7 +35,8 @@ class ServingSpec:
     template: str = field(metadata={"help": "model.py template under serving/templates/."})
     inputs: tuple[Tensor, ...] = field(metadata={"help": "Request tensors."})
     outputs: tuple[Tensor, ...] = field(metadata={"help": "Response tensors (dims 0: one per label)."})
-    warmup: tuple[tuple[str, str, str], ...] = field(metadata={"help": "(input, dtype, warm-up file) pairs."})
+    warmup: tuple[tuple[str, str, str | int | float], ...] = field(
+        metadata={"help": "What a warm-up request sends before the model is marked ready: (input, dtype, value)."})
     generates: bool = field(default=False, metadata={"help": "A generation model: prompts in, text out (can stream)."})
 
 
@@ -67,6 +68,7 @@ class TaskKind(Protocol):
 
     kind: Kind
     students_dir: str  # under the home: where this kind's round artifacts go
+    default_recipe: str  # the kdops.recipes name a round of this kind uses unless told otherwise
     serving: ServingSpec
 
     def load_teacher(self, directory: str | Path, device: str = "cpu") -> Any: ...
@@ -93,6 +95,9 @@ class TaskKind(Protocol):
     def reference(self, home: Home, artifact: Artifact, texts: Sequence[str], teacher) -> dict:
         """Keyword arguments for monitoring's reference profile (probabilities, embeddings, label_names) and the
         champion's own disagreement with the teacher (``baseline_rate``; None where there is nothing to compare)."""
+
+    def monitor_teacher(self, teacher) -> Callable[[list[str]], Any] | None:
+        """What the drift monitor's teacher-disagreement check calls on a window's texts (None: no such check)."""
 
     def serving_params(self, artifact: Artifact) -> dict[str, str]:
         """Kind-specific model parameters of the served config (label names ...)."""

@@ -18,13 +18,14 @@ _SUMMARY_KEYS = ("ppl_ratio", "student_ppl", "teacher_ppl", "param_ratio", "spee
 class CausalLMKind:
     kind = Kind.CAUSAL_LM
     students_dir = "lm_students"
+    default_recipe = "lm-quick"
     # A prompt in, the continuation out; token budget and temperature are optional per request.
     serving = ServingSpec(
         template="lm_model.py",
         inputs=(Tensor("PROMPT", "TYPE_STRING"), Tensor("MAX_TOKENS", "TYPE_INT32", optional=True),
                 Tensor("TEMPERATURE", "TYPE_FP32", optional=True)),
         outputs=(Tensor("COMPLETION", "TYPE_STRING"), Tensor("TOKENS", "TYPE_INT32"), Tensor("MODEL_VERSION", "TYPE_STRING")),
-        warmup=(("PROMPT", "TYPE_STRING", "text"), ("MAX_TOKENS", "TYPE_INT32", "max_tokens")),
+        warmup=(("PROMPT", "TYPE_STRING", "this movie was good"), ("MAX_TOKENS", "TYPE_INT32", 4)),
         generates=True,
     )
 
@@ -47,12 +48,14 @@ class CausalLMKind:
     def run_round(self, req: RoundRequest) -> RoundOutput:
         from kdops.data import Snapshot
         from kdops.lm.rounds import run_lm_round
+        from kdops.replay import ReplayBuffer
 
         texts = Snapshot.load(req.home.snapshots, req.train_snapshot).texts
-        replay = [t for sid in req.replay_snapshots for t in Snapshot.load(req.home.snapshots, sid).texts]
+        replay = ReplayBuffer.of((Snapshot.load(req.home.snapshots, sid).rows for sid in req.replay_snapshots),
+                                 seed=req.recipe.distill.seed)
         res = run_lm_round(req.teacher, self._cache(req.home), texts, req.out_dir, req.recipe.distill, req.recipe.shape,
                            req.recipe.max_length, champion_dir=req.champion.path if req.champion else None,
-                           replay_texts=replay, device=req.device, progress=req.progress, tail=req.recipe.tail,
+                           replay=replay, device=req.device, progress=req.progress, tail=req.recipe.tail,
                            lineage={"snapshot_ids": {"train": req.train_snapshot, "replay": list(req.replay_snapshots)},
                                     "parent_version": req.parent_version})
         return RoundOutput(Artifact.read(res.artifact), res.history, res.info)
@@ -90,6 +93,9 @@ class CausalLMKind:
     def reference(self, home: Home, artifact: Artifact, texts: Sequence[str], teacher) -> dict:
         # A generation model: the prompts are what is monitored (text checks only)
         return {"baseline_rate": None}
+
+    def monitor_teacher(self, teacher):
+        return None  # a teacher's next-token distribution labels nothing to disagree with
 
     def serving_params(self, artifact: Artifact) -> dict[str, str]:
         return {}

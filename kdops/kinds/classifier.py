@@ -17,12 +17,13 @@ from kdops.paths import Home
 class ClassifierKind:
     kind = Kind.CLASSIFIER
     students_dir = "students"
+    default_recipe = "classifier"
     serving = ServingSpec(
         template="model.py",
         inputs=(Tensor("TEXT", "TYPE_STRING"),),
         outputs=(Tensor("PROBABILITIES", "TYPE_FP32", 0), Tensor("LABEL", "TYPE_STRING"),
                  Tensor("MODEL_VERSION", "TYPE_STRING")),
-        warmup=(("TEXT", "TYPE_STRING", "text"),),
+        warmup=(("TEXT", "TYPE_STRING", "this movie was good"),),
     )
 
     def load_teacher(self, directory: str | Path, device: str = "cpu"):
@@ -95,6 +96,9 @@ class ClassifierKind:
             baseline = float((probs.argmax(-1) != np.asarray(teacher_logits).argmax(-1)).mean())
         return {"probabilities": probs, "embeddings": p.embed(list(texts)), "label_names": list(p.label_names),
                 "baseline_rate": baseline}
+
+    def monitor_teacher(self, teacher):
+        return teacher.logits
 
     def serving_params(self, artifact: Artifact) -> dict[str, str]:
         import json

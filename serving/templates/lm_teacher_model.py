@@ -3,13 +3,12 @@
 Inputs: ``IDS`` (B, T) int64 right-padded token ids, ``LENGTHS`` (B,), ``K`` [1] and ``MAX_NEW_TOKENS`` [1].
 ``MAX_NEW_TOKENS`` 0: ``TOPK_IDS`` / ``TOPK_LOGPROBS`` (B, T-1, K) are the teacher's top-k next-token log-probs
 (rows past a sequence's length are padding); otherwise ``GENERATED`` (B, N) holds greedy continuations padded
-with -1. The other outputs are empty. The work is kdops.lm.teacher.HFCausalLMTeacher's own topk / generate.
+with -1. The other outputs are empty. The work is kdops.lm.teacher.HFCausalLMTeacher's own topk / generate;
+settings, threads and error responses are serving.backend's.
 """
 
-import json
 import os
 import sys
-from pathlib import Path
 
 # The stub runs Python isolated, so PYTHONPATH is ignored; apply it by hand, first (as model.py does).
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
@@ -17,25 +16,15 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-
-def _param(cfg, key, default=""):
-    return cfg.get("parameters", {}).get(key, {}).get("string_value", default)
+from serving.backend import Stub, error_response  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        import torch
-
         from kdops.lm.teacher import HFCausalLMTeacher
 
-        cfg = json.loads(args["model_config"])
-        threads = int(_param(cfg, "kdops_torch_threads", "0"))
-        if threads > 0:
-            torch.set_num_threads(threads)
-        on_gpu = args["model_instance_kind"] == "GPU"
-        device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
-        self.teacher = HFCausalLMTeacher(Path(args["model_repository"]) / args["model_version"] / "artifact", device=device)
-        self.model_name = args["model_name"]
+        self.stub = Stub(args)
+        self.teacher = HFCausalLMTeacher(self.stub.settings.artifact, device=self.stub.settings.device)
 
     def _one(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "IDS").as_numpy()
@@ -71,6 +60,8 @@ class TritonPythonModel:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
             except Exception as e:  # a bad request fails alone; the model keeps serving
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{self.model_name}: bad request: {e}")))
+                responses.append(error_response(f"{self.stub.settings.model}: bad request: {e}"))
         return responses
+
+    def finalize(self):
+        self.stub.finalize()

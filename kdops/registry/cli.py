@@ -1,6 +1,7 @@
-"""``kdops registry ...``: a typer sub-app the main CLI mounts (``app.add_typer(app, name="registry")``).
+"""``kdops registry ...``: a typer sub-app. MLflow is imported only inside commands, so ``kdops --help`` stays fast.
 
-MLflow is imported only inside commands (through ``kdops.registry``), so ``kdops --help`` stays fast.
+``rollback`` here moves the registry alone; the ``kdops`` command mounts ``flows.promotion_cli``'s version of this
+app, whose ``rollback`` also moves what Triton serves (kdops/ does not talk to Triton).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def rollback(reason: str = typer.Option(..., "--reason", "-r", help="Why (record
              name: str = NameOption, tracking_uri: str = UriOption, actor: str = ActorOption,
              to_version: int = typer.Option(None, "--to", help="Version to restore; default the one the "
                                             "current champion replaced.")) -> None:
-    """Move the champion alias back (registry only; `kdops serve rollback` swaps the served model)."""
+    """Move the champion alias back (registry only: the served model is unchanged)."""
     from kdops.registry import RegistryError
 
     try:
@@ -105,7 +106,7 @@ def ui(port: int = typer.Option(5000, "--port", "-p", help="Port for the MLflow 
     from kdops.registry import RegistryError
 
     try:
-        cmd = _registry(tracking_uri).ui_command(port=port, host=host)
+        cmd = _registry(tracking_uri).store.ui_command(port=port, host=host)
     except RegistryError as err:
         _fail(err)
     typer.echo(" ".join(cmd))
