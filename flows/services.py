@@ -6,20 +6,13 @@ Each is replaced by configuration: ``PREFECT_API_URL`` set means "use that serve
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from kdops.proc import die_with_parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kdops.proc import die_with_parent, free_port
 
 
 def _drain_prefect_clients(timeout_s: float = 10.0) -> None:
@@ -43,7 +36,7 @@ class PrefectServer:
     """``prefect server start`` on loopback with its database under ``home``; a context manager."""
 
     def __init__(self, home: Path, port: int | None = None, timeout_s: float = 120.0):
-        self.home, self.port, self.timeout_s = Path(home), port or _free_port(), timeout_s
+        self.home, self.port, self.timeout_s = Path(home), port or free_port(), timeout_s
         self.proc: subprocess.Popen | None = None
         self.external = os.environ.get("PREFECT_API_URL", "")
         self.url = self.external or f"http://127.0.0.1:{self.port}/api"

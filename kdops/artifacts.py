@@ -230,5 +230,3 @@ def load_student(directory: str | Path | Artifact, device: str | torch.device = 
         raise ArtifactError(f"{directory}: tokenizer files unusable ({e}).") from e
     return model.to(device).eval(), tokenizer, art
 
-
-read_meta = read_artifact  # the name callers used before the Artifact value; kept while they move over

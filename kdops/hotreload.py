@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kdops.paths import atomic_write
 from kdops.proc import release_free_memory, run_in_idle_thread
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,7 @@ class ReloadRequest:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    atomic_write(path, json.dumps(obj))  # a reader never sees half a file
 
 
 def write_request(directory: str | Path, seq: int, artifact: str, version: str) -> None:

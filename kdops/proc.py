@@ -144,3 +144,12 @@ def can_raise_priority() -> bool:
             return False
 
     return _on_a_new_thread(probe, "kdops-nice-probe")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it), for a server this process starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

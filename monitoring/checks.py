@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kdops.paths import atomic_write
 from monitoring import stats
 from monitoring.config import MonitorConfig
 from monitoring.stats import TestResult
@@ -93,9 +94,7 @@ class ReferenceProfile:
         meta = {"format": 1, "rows": len(self.texts), "descriptors": list(self.descriptors.columns),
                 "label_names": list(self.label_names) if self.label_names is not None else None,
                 "doc_freq": dict(self.doc_freq)}
-        tmp = directory / "profile.json.tmp"
-        tmp.write_text(json.dumps(meta, ensure_ascii=False))
-        tmp.replace(directory / "profile.json")
+        atomic_write(directory / "profile.json", json.dumps(meta, ensure_ascii=False))
         return directory
 
     @classmethod

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kdops.paths import atomic_write
 from monitoring.config import TriggerConfig
 from monitoring.stats import TestResult
 
@@ -102,12 +103,8 @@ class Trigger:
         return cls(TriggerConfig(**d["config"]), TriggerState(**d["state"]))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)  # atomic: a crash never leaves a half-written state that would reset the cool-down
-        return path
+        # atomic: a crash never leaves a half-written state that would reset the cool-down
+        return atomic_write(path, self.to_json())
 
     @staticmethod
     def reset(path: str | Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from kdops import kinds
 from kdops.artifacts import WEIGHTS, Artifact, ArtifactError, file_sha256
 from kdops.kinds import ServingSpec, Tensor
+from kdops.paths import atomic_write
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Files an artifact may contain; anything else (a .bin/.pt/.pkl pickle, caches) is left behind.
@@ -197,9 +198,7 @@ def _write_model(repo: Path, name: str, version: int, src: Path, text: str, spec
         (model_dir / "warmup").mkdir(exist_ok=True)
         for i, dtype, value in spec.warmup:
             (model_dir / "warmup" / i).write_bytes(_warmup_bytes(dtype, value))
-    tmp = model_dir / "config.pbtxt.tmp"
-    tmp.write_text(text)
-    tmp.replace(model_dir / "config.pbtxt")  # atomic: a concurrent load never reads half a config
+    atomic_write(model_dir / "config.pbtxt", text)  # a concurrent load never reads half a config
     return vdir
 
 
@@ -271,9 +270,7 @@ def write_ensemble(repo: str | Path, name: str, target: str, spec: ServingSpec, 
                    decoupled: bool = False) -> Path:
     model_dir = Path(repo) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble still needs a version folder
-    tmp = model_dir / "config.pbtxt.tmp"
-    tmp.write_text(ensemble_config(name, target, spec, max_batch_size, decoupled))
-    tmp.replace(model_dir / "config.pbtxt")
+    atomic_write(model_dir / "config.pbtxt", ensemble_config(name, target, spec, max_batch_size, decoupled))
     return model_dir
 
 

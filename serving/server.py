@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from kdops.proc import die_with_parent
+from kdops.proc import die_with_parent, free_port
 
 ADMIN_HEADER = "kdops-admin-key"
 
@@ -77,11 +76,6 @@ def triton_paths() -> dict[str, Path]:
             raise ServerError(f"nvidia-pytriton is missing {paths[k]} (Python {py} supported?)")
     return paths
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env(paths: dict[str, Path]) -> dict[str, str]:

@@ -94,7 +94,7 @@ class Store:
         if self.tracking_uri is None:
             from kdops.paths import Home
 
-            self.tracking_uri = f"sqlite:///{Home.from_env().mlflow / 'mlflow.db'}"
+            self.tracking_uri = Home.from_env().tracking_uri
         self.db_path = Path(self.tracking_uri[len("sqlite:///"):]) if self.is_sqlite else None
         root = artifact_root or cfg.artifact_root
         if root is None and self.db_path is not None:
