@@ -55,11 +55,10 @@ class DemoPlan:
     window: int = 500  # served requests per monitoring window
     v1_rows: int = 4000  # movie reviews student v1 is distilled on
     eval_per_domain: int = 400  # held-out reviews per domain
-    v1_epochs: int = 4
 
     @classmethod
     def quick(cls) -> "DemoPlan":
-        return cls(window=200, v1_rows=2000, eval_per_domain=150, v1_epochs=3)
+        return cls(window=200, v1_rows=2000, eval_per_domain=150)
 
 
 def _wait_for_window(load, since: float, n: int, limit_s: float = 300) -> None:
@@ -86,7 +85,7 @@ def _phase(ctx, load, domain: str, pool: list[str], tests, eval_id: str, plan: D
         _wait_for_window(load, time.time(), plan.window)
         t_check = time.time()
         tick = monitor_tick(ctx, window_s=3600, min_rows=plan.window, eval_id=eval_id,
-                            recipe="classifier-incremental", trigger=trigger)
+                            recipe="classifier-incremental-quick", trigger=trigger)
         log.info("window %s-%d: %s -> %s", domain, w, tick.get("decision"), tick.get("action"))
         rec.setdefault("verdicts", []).append(tick.get("decision"))
         if tick.get("action") != "retrain":
@@ -116,15 +115,11 @@ def _drift_history(home, run_started: str) -> list[dict]:
 
 def _first_round(ctx, plan: DemoPlan, tests: dict, teacher_acc: dict) -> tuple[dict, pd.DataFrame, str]:
     """Student v1 on movie reviews, gated on movie reviews only (nobody has shown it the other domains yet)."""
-    from dataclasses import replace
-
     from flows.loop import distill_flow
     from flows.tasks import save_snapshot
     from kdops.recipes import recipe
 
-    v1 = recipe("classifier")
-    v1 = replace(v1, distill=replace(v1.distill, epochs=plan.v1_epochs, early_stopping_patience=0),
-                 gate=recipe("classifier-incremental").gate)
+    v1 = recipe("classifier-quick")
     labels = corpora.SENTIMENT_LABELS
     movie = corpora.load("sentiment", split="train", domains=("movie",), limit_per_domain=plan.v1_rows).rows
     r0 = distill_flow(ctx, save_snapshot(ctx, movie, labels), save_snapshot(ctx, tests["movie"], labels), v1)

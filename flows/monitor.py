@@ -150,7 +150,7 @@ def start_distill(ctx: LoopContext, texts: list[str], champion: Champion, eval_i
         return {"started": False, "reason": "no evaluation snapshot"}
     art = Artifact.read(champion.artifact)
     kind = kinds.get(art.kind)
-    recipe = recipe or kind.default_recipe
+    recipe = recipe or kind.incremental_recipe
     rows = pd.DataFrame({"text": list(dict.fromkeys(texts))}).assign(label=None, domain="served")
     train_id = save_snapshot(ctx, rows, art.label_names or None)
     report = kind.summary(evaluate.fn(ctx, _recipe(recipe), str(art.path), eval_id))

@@ -145,34 +145,45 @@ def distill_cmd(
     out: Path = typer.Option(..., help="Directory to write the student artifact to."),
     teacher_dir: Path | None = typer.Option(None, help="Teacher model directory (default: the bootstrapped one)."),
     champion: Path | None = typer.Option(None, help="Start from this student (incremental round)."),
-    layers: int = typer.Option(2, help="Student layers (new students)."),
-    embedding_size: int = typer.Option(64, help="Rank of factorised embeddings (0 = full)."),
-    epochs: int = typer.Option(3, help="Epochs."),
-    batch_size: int = typer.Option(32, help="Batch size."),
-    lr: float = typer.Option(1e-4, help="Learning rate."),
+    recipe_name: str = typer.Option(None, "--recipe", help="Named recipe (kdops/recipes.py); default: classifier, or classifier-incremental with --champion. The options below override single fields."),
+    layers: int | None = typer.Option(None, help="Student layers (new students); default: the recipe's."),
+    embedding_size: int | None = typer.Option(None, help="Rank of factorised embeddings (0 = full); default: the recipe's."),
+    epochs: int | None = typer.Option(None, help="Epochs; default: the recipe's."),
+    batch_size: int | None = typer.Option(None, help="Batch size; default: the recipe's."),
+    lr: float | None = typer.Option(None, help="Learning rate; default: the recipe's."),
     limit_per_domain: int | None = typer.Option(None, help="Subsample built-in corpora per domain."),
-    config_json: Path | None = typer.Option(None, "--config", help="A DistillConfig as JSON (overrides the options above)."),
+    config_json: Path | None = typer.Option(None, "--config", help="A DistillConfig as JSON (replaces the recipe's)."),
 ) -> None:
     """Distil the teacher into a student (full, or incremental from --champion with replay)."""
     _setup()
+    from dataclasses import replace
+
     from kdops.distill import DistillConfig
     from kdops.paths import home
+    from kdops.recipes import ClassifierRecipe, recipe
     from kdops.replay import ReplayBuffer
-    from kdops.rounds import StudentShape, run_round
+    from kdops.rounds import run_round
     from kdops.soft_labels import SoftLabelCache
     from kdops.teacher import HFTeacher
 
     try:
         tr = resolve_data(train, limit_per_domain=limit_per_domain)
         va = resolve_data(val, limit_per_domain=limit_per_domain) if val else None
-    except DataError as e:
+        r = recipe(recipe_name or ("classifier-incremental" if champion else "classifier"))
+        if not isinstance(r, ClassifierRecipe):
+            raise ValueError(f"recipe {r.name!r} is not a classifier recipe.")
+    except (DataError, ValueError) as e:
         _fail(e)
-    cfg = DistillConfig.from_dict(json.loads(config_json.read_text())) if config_json else DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr)
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    cfg = DistillConfig.from_dict(json.loads(config_json.read_text())) if config_json else \
+        replace(r.distill, **{k: v for k, v in given.items() if v is not None})
+    shape = replace(r.shape, **({"layers": layers} if layers else {}),
+                    **({"embedding_size": embedding_size or None} if embedding_size is not None else {}))
     teacher = HFTeacher(teacher_dir or default_teacher_dir())
     replay_dir = home() / "replay"
     replay = ReplayBuffer.load(replay_dir) if (replay_dir / "replay.json").exists() else ReplayBuffer()
     res = run_round(teacher, SoftLabelCache(home() / "soft_labels.sqlite"), tr.rows, out, cfg,
-                    val_rows=va.rows if va else None, shape=StudentShape(layers=layers, embedding_size=embedding_size or None),
+                    val_rows=va.rows if va else None, shape=shape,
                     champion_dir=champion, replay=replay, snapshot_ids={"train": tr.id, "val": va.id if va else None})
     replay.save(replay_dir)
     typer.echo(f"student: {res.artifact}  history: {json.dumps(res.result.history[-1])}  cache: {json.dumps(res.cache)}")

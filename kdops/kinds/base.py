@@ -68,7 +68,8 @@ class TaskKind(Protocol):
 
     kind: Kind
     students_dir: str  # under the home: where this kind's round artifacts go
-    default_recipe: str  # the kdops.recipes name a round of this kind uses unless told otherwise
+    default_recipe: str  # the kdops.recipes name a first round of this kind uses unless told otherwise
+    incremental_recipe: str  # ... and a round that continues a champion on new traffic
     serving: ServingSpec
 
     def load_teacher(self, directory: str | Path, device: str = "cpu") -> Any: ...

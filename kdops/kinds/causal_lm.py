@@ -19,6 +19,7 @@ class CausalLMKind:
     kind = Kind.CAUSAL_LM
     students_dir = "lm_students"
     default_recipe = "lm-quick"
+    incremental_recipe = "lm-quick"
     # A prompt in, the continuation out; token budget and temperature are optional per request.
     serving = ServingSpec(
         template="lm_model.py",

@@ -18,6 +18,7 @@ class ClassifierKind:
     kind = Kind.CLASSIFIER
     students_dir = "students"
     default_recipe = "classifier"
+    incremental_recipe = "classifier-incremental"
     serving = ServingSpec(
         template="model.py",
         inputs=(Tensor("TEXT", "TYPE_STRING"),),
