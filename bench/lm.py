@@ -1,10 +1,11 @@
 """Benchmark: distil SmolLM2-135M-Instruct into a layer-pruned student on movie-review sentences.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/lm.py --out out/lm.json --threads 2   # ~42 min on 2 cores, top-k cached
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/lm.py --out bench/results/lm.json --threads 2   # about 1 h on 2 cores, top-k cached
     HF_HUB_OFFLINE=1 .venv/bin/python bench/lm.py --out out/lm_quick.json --train-sentences 500 --steps 150
 
 Target (CPU): student <= 40% of the teacher's parameters, perplexity <= 1.15x the teacher's on held-out
 movie-review sentences (the corpus' fixed test split), >= 2.5x the teacher's generation speed.
+The command and figures of record: bench/README.md.
 The student is trained on the corpus' movie *train* split (in-domain KD + CE); the teacher is the general
 instruct model as shipped, so the comparison is "in-domain specialist student vs general teacher".
 """
@@ -56,13 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tail-steps", type=int, default=600, help="Adam steps fitting the context tail (TailConfig.steps).")
     ap.add_argument("--calibration-holdout", action=argparse.BooleanOptionalAction, default=False,
                     help="Hold those sentences out of distillation (and follow the student's perplexity on them).")
-    # Trainable by default now that the vocabulary is trimmed (~23k rows). Untrimmed, the tied 49,152 x 576
-    # embedding is 53% of a 7-layer student and its dense gradient + AdamW update made a CPU step ~5x slower.
+    # Trainable by default: trimmed (~23k rows) it is cheap; untrimmed, the tied 49,152 x 576 embedding's dense
+    # gradient and AdamW update dominate a CPU step.
     ap.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=False,
                     help="Keep the tied embedding/LM head fixed (cheaper steps).")
     ap.add_argument("--max-length", type=int, default=48, help="Token limit per sentence (start token included).")
-    # One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other and a step took 14 s
-    # against 3.7 s with one (measured under load ~6); raise it on a machine of your own.
+    # One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other under other load; raise
+    # it on a machine of your own.
     ap.add_argument("--threads", type=int, default=1, help="torch threads for scoring and training.")
     ap.add_argument("--speed-threads", type=int, default=1, help="torch threads in the speed subprocesses.")
     ap.add_argument("--speed-rounds", type=int, default=3,

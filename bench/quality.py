@@ -1,12 +1,13 @@
 """Quality and speed of distillation on the real four-domain sentiment corpus (run on demand).
 
-    python bench/quality.py --out out/quality.json            # full run (~15-25 min on 2 CPU cores)
+    python bench/quality.py --out bench/results/quality.json  # full run (~15-25 min on 2 CPU cores)
     python bench/quality.py --quick --out out/quality.json    # smaller budget, same fields
 
 Everything is measured in this run against a baseline in this run: the teacher (bootstrapped MiniLM,
 cached) against the student; cached soft labels against running the teacher online; one incremental round
 against re-distilling from scratch on everything. Prints a table and writes JSON; where a target is missed
-the JSON still says the truth (``targets`` lists each with its value and met / not met).
+the JSON still says the truth (``targets`` lists each with its value and met / not met). The commands and
+figures of record: bench/README.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,29 @@
-"""Stage 3: distillation. One trainer for full and incremental rounds, CPU or several GPUs.
+"""Stage 3: distillation of a classifier student: its loss and batches on the one trainer (kdops.trainer).
 
-The trainer sees ``DistillData``: texts, teacher logits (from the soft-label cache, or None to run the
-teacher online), hard labels (-100 where unlabelled) and domains. Scaling is configuration: under
-``accelerate launch`` / ``torchrun`` the same code shards batches across processes (via ``accelerate``),
-uses bf16 autocast and ``torch.compile`` on GPUs, and only the main process writes files.
+``distill`` sees ``DistillData``: texts, teacher logits (from the soft-label cache, or None to run the teacher
+online), hard labels (-100 where unlabelled) and domains. What is specific to a classifier lives here: the loss
+(response KD + CE, feature / attention / relation transfer, annealed temperature and KD weight, hard-example
+weights), length-bucketed batches of rows (with an optional difficulty curriculum), a head-only warm-up and
+validation accuracy for early stopping. Scaling is configuration: under ``accelerate launch`` / ``torchrun`` the
+trainer shards batches across processes, uses bf16 autocast and ``torch.compile`` on GPUs, and only the main
+process writes files.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from kdops import losses
 from kdops.schedules import Curriculum, Schedule, hard_example_weights, teacher_entropy
 from kdops.student import StudentModel
+from kdops.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class DistillConfig:
     curriculum: bool = field(default=False, metadata={"help": "Raise the share of hard rows (by teacher entropy) from 20% to 80%."})
     hard_example_power: float = field(default=0.0, metadata={"help": "Re-weight rows by their loss^power (0 = off)."})
     early_stopping_patience: int = field(default=2, metadata={"help": "Epochs without validation gain before stopping (0 = off)."})
-    replay_share: float = field(default=0.5, metadata={"help": "Incremental rounds: replay rows per new row."})
+    replay_share: float = field(default=0.5, metadata={"help": "Incremental rounds: rows drawn from the replay reservoir per new row, shuffled in with the new rows (kdops.replay)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps (smoke runs)."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Loss terms and their schedules."})
     mixed_precision: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPU), 'no' or 'bf16'."})
@@ -146,21 +146,100 @@ def _default_layer_map(n_student: int, n_teacher: int) -> tuple[tuple[int, int],
     return tuple((i + 1, round(step * (i + 1))) for i in range(n_student))
 
 
-class _Batches:
-    """Length-bucketed batches of row indices: shuffle, sort within chunks of 50 batches, shuffle batches."""
+class RowBatches:
+    """Length-bucketed batches of row indices. Each epoch: an order (a permutation, or the curriculum's pick by
+    teacher entropy), sorted by length within chunks of 50 batches, then the batches shuffled; one seeded numpy
+    generator draws all of it (a checkpoint keeps its state)."""
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, rng: np.random.Generator):
-        self.lengths, self.bs, self.rng = lengths, batch_size, rng
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, difficulty: np.ndarray | None = None,
+                 curriculum: Curriculum | None = None):
+        self.lengths, self.bs, self.rng = lengths, batch_size, np.random.default_rng(seed)
+        self.difficulty, self.curriculum = difficulty, curriculum
+        self.batches_per_epoch = math.ceil(len(lengths) / batch_size)
 
-    def epoch(self, order: np.ndarray) -> list[np.ndarray]:
-        chunk = self.bs * 50
-        batches = []
+    def epoch(self, epoch: int, progress: float) -> list[np.ndarray]:
+        n = len(self.lengths)
+        if self.curriculum is not None and self.difficulty is not None:
+            order = np.asarray(self.curriculum.select(self.difficulty, progress, n, self.rng))
+        else:
+            order = self.rng.permutation(n)
+        chunk, batches = self.bs * 50, []
         for s in range(0, len(order), chunk):
             part = order[s:s + chunk]
             part = part[np.argsort(self.lengths[part], kind="stable")]
             batches += [part[i:i + self.bs] for i in range(0, len(part), self.bs)]
         self.rng.shuffle(batches)
         return batches
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+class ClassifierLoss:
+    """``loss_fn`` of the trainer for a classifier student, on a batch of row indices:
+
+        L = response_kd(student, teacher; T(p), alpha = 1 - w_kd(p)) [per-row hard-example weights]
+            + feature_weight * feature_kd + attention_weight * attention_transfer + relation_weight * relation_kd
+
+    with the temperature T and KD weight w_kd annealed linearly over training progress p (kdops.losses)."""
+
+    def __init__(self, cfg: "DistillConfig", train: "DistillData", tokenizer, teacher, device, projector=None,
+                 layer_map=None):
+        self.cfg, self.lc, self.train, self.tokenizer, self.teacher = cfg, cfg.loss, train, tokenizer, teacher
+        self.device, self.projector, self.layer_map = device, projector, layer_map
+        self.temp = Schedule(self.lc.temperature_start, self.lc.temperature_end, "linear")
+        self.kd_w = Schedule(self.lc.kd_weight_start, self.lc.kd_weight_end, "linear")
+
+    def __call__(self, model, idx: np.ndarray, progress: float) -> tuple[torch.Tensor, dict]:
+        lc, T, w_kd = self.lc, self.temp(progress), self.kd_w(progress)
+        texts = [self.train.texts[i] for i in idx]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
+                             return_tensors="pt").to(self.device)
+        labels = torch.as_tensor(self.train.labels[idx], device=self.device)
+        out = model(enc["input_ids"], enc["attention_mask"], output_hidden_states=lc.feature_weight > 0,
+                    output_attentions=lc.attention_weight > 0)
+        t_logits, t_out = self._teacher(idx, texts, enc)
+        weights = None
+        if self.cfg.hard_example_power > 0:
+            per = F.cross_entropy(out.logits.float(), t_logits.argmax(-1), reduction="none")
+            weights = hard_example_weights(per, power=self.cfg.hard_example_power)
+        loss = losses.response_kd_loss(out.logits.float(), t_logits, labels, temperature=T, alpha=1.0 - w_kd,
+                                       weights=weights)
+        return self._transfer(loss, out, t_out, enc["attention_mask"]), {"temperature": T, "kd_weight": w_kd}
+
+    def _teacher(self, idx, texts, enc):
+        """(teacher logits, teacher outputs or None): cached logits, and the teacher run when online or when a
+        transfer term needs its hidden states or attentions."""
+        cached, t_logits, t_out = self.train.teacher_logits, None, None
+        if cached is not None:
+            t_logits = torch.as_tensor(cached[idx], device=self.device)
+        if cached is None or self.lc.needs_teacher_states:
+            with torch.no_grad():
+                t_enc = self.teacher.encode(texts) if cached is None else enc
+                t_enc = {k: v.to(self.device) for k, v in t_enc.items()}
+                t_out = self.teacher.model(**t_enc, output_hidden_states=self.lc.needs_teacher_states,
+                                           output_attentions=self.lc.attention_weight > 0)
+            if cached is None:
+                t_logits = t_out.logits.float()
+        return t_logits, t_out
+
+    def _transfer(self, loss, out, t_out, mask):
+        lc, layer_map = self.lc, self.layer_map
+        if lc.feature_weight > 0:
+            loss = loss + lc.feature_weight * losses.feature_kd_loss(
+                list(out.hidden_states), list(t_out.hidden_states), list(layer_map), self.projector, mask)
+        if lc.attention_weight > 0:
+            amap = [(s - 1, t - 1) for s, t in layer_map]
+            loss = loss + lc.attention_weight * losses.attention_transfer_loss(
+                list(out.attentions), list(t_out.attentions), amap, mask)
+        if lc.relation_weight > 0:
+            m = mask[..., None].float()
+            t_emb = (t_out.hidden_states[-1] * m).sum(1) / m.sum(1)
+            loss = loss + lc.relation_weight * losses.relation_kd_loss(out.pooled.float(), t_emb.float())
+        return loss
 
 
 def _accuracy(model: StudentModel, tokenizer, data: DistillData, max_length: int, device, batch_size: int = 128) -> dict:
@@ -181,6 +260,37 @@ def _accuracy(model: StudentModel, tokenizer, data: DistillData, max_length: int
     return out
 
 
+def _check(train: DistillData, tokenizer, teacher, lc: LossConfig) -> None:
+    if len(train) == 0:
+        raise ValueError("no training rows.")
+    if train.teacher_logits is None and teacher is None:
+        raise ValueError("train.teacher_logits is None: pass a teacher to run it online.")
+    if lc.needs_teacher_states:
+        if teacher is None:
+            raise ValueError("feature/attention/relation transfer needs a local teacher.")
+        if teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError("feature/attention transfer needs the teacher's tokenizer; set those weights to 0.")
+
+
+def trainer_config(cfg: DistillConfig) -> TrainerConfig:
+    """The trainer settings of a classifier round: epochs (capped by max_steps), linear warm-up and decay."""
+    return TrainerConfig(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         warmup_share=cfg.warmup_share, schedule="linear", grad_accum=cfg.grad_accum, max_grad_norm=1.0,
+                         early_stopping_patience=cfg.early_stopping_patience, mixed_precision=cfg.mixed_precision,
+                         compile=cfg.compile, seed=cfg.seed)
+
+
+def _projector(trainer: Trainer, student: StudentModel, teacher, lc: LossConfig):
+    """(projector, layer map) for feature/attention/relation transfer; the teacher moves to the training device."""
+    layer_map = lc.layer_map or _default_layer_map(student.config.num_layers, teacher.model.config.num_hidden_layers)
+    projector = losses.FeatureProjector(student.config.hidden_size, teacher.model.config.hidden_size, len(layer_map))
+    teacher.model.to(trainer.device)
+    if lc.attention_weight > 0 and getattr(teacher.model.config, "_attn_implementation", "eager") != "eager":
+        # SDPA kernels do not return attention probabilities; eager attention does (same weights).
+        teacher.model.set_attn_implementation("eager")
+    return trainer.prepare(projector), layer_map
+
+
 def distill(
     student: StudentModel,
     tokenizer,
@@ -195,206 +305,34 @@ def distill(
     """Train ``student`` in place on ``train``; returns the per-epoch history.
 
     ``teacher`` (an ``HFTeacher``) is needed when ``train.teacher_logits`` is None (online mode) or when the
-    loss uses feature, attention or relation transfer. ``checkpoint_dir`` enables resume: a killed run
-    restarts from its last finished epoch. ``on_epoch(record)`` is called after each epoch (MLflow logging).
+    loss uses feature, attention or relation transfer. ``checkpoint_dir`` enables resume: a killed run restarts
+    from its last finished epoch and ends with the weights the uninterrupted run would have had.
+    ``on_epoch(record)`` is called after each epoch (MLflow logging).
     """
-    from accelerate import Accelerator
-
-    if len(train) == 0:
-        raise ValueError("no training rows.")
-    if train.teacher_logits is None and teacher is None:
-        raise ValueError("train.teacher_logits is None: pass a teacher to run it online.")
     lc = cfg.loss
-    if lc.needs_teacher_states:
-        if teacher is None:
-            raise ValueError("feature/attention/relation transfer needs a local teacher.")
-        if teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError("feature/attention transfer needs the teacher's tokenizer; set those weights to 0.")
-
-    use_gpu = torch.cuda.is_available()
-    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if use_gpu else "no")
-    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=not use_gpu)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-
-    projector = None
-    layer_map = lc.layer_map
-    if lc.needs_teacher_states:
-        t_layers = teacher.model.config.num_hidden_layers
-        layer_map = layer_map or _default_layer_map(student.config.num_layers, t_layers)
-        projector = losses.FeatureProjector(student.config.hidden_size, teacher.model.config.hidden_size, len(layer_map))
-        teacher.model.to(acc.device)
-        if lc.attention_weight > 0 and getattr(teacher.model.config, "_attn_implementation", "eager") != "eager":
-            # SDPA kernels do not return attention probabilities; eager attention does (same weights).
-            teacher.model.set_attn_implementation("eager")
-
+    _check(train, tokenizer, teacher, lc)
+    trainer = Trainer(trainer_config(cfg))  # seeds torch: the projector's init is part of the seeded run
+    projector, layer_map = _projector(trainer, student, teacher, lc) if lc.needs_teacher_states else (None, None)
     head = [p for n, p in student.named_parameters() if n.startswith(("pooler", "classifier"))]
     body = [p for n, p in student.named_parameters() if not n.startswith(("pooler", "classifier"))]
     groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}]
-    if projector is not None:
-        groups.append({"params": list(projector.parameters()), "lr": cfg.lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    lengths = np.array([len(t) for t in train.texts])
-    steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * acc.num_processes))
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    warm = max(1, int(cfg.warmup_share * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    model, opt = acc.prepare(student, opt)
-    if projector is not None:
-        projector = acc.prepare(projector)
-    if cfg.compile == "yes" or (cfg.compile == "auto" and use_gpu):
-        model = torch.compile(model)
-
-    temp = Schedule(lc.temperature_start, lc.temperature_end, "linear")
-    kd_w = Schedule(lc.kd_weight_start, lc.kd_weight_end, "linear")
-    curriculum = Curriculum(0.2, 0.8) if cfg.curriculum else None
-    difficulty = teacher_entropy(train.teacher_logits) if curriculum is not None and train.teacher_logits is not None else None
-    batches = _Batches(lengths, cfg.batch_size, rng)
-
-    history: list[dict] = []
-    start_epoch, step, best, best_epoch, bad_epochs = 0, 0, -1.0, -1, 0
-    if checkpoint_dir is not None and (checkpoint_dir / "state.json").exists():
-        state = json.loads((checkpoint_dir / "state.json").read_text())
-        acc.unwrap_model(model).load_state_dict(load_file(str(checkpoint_dir / "student.safetensors")))
-        _load_opt(opt, checkpoint_dir / "optimizer.safetensors", state["opt_meta"])
-        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
-        best, best_epoch, bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
-        for _ in range(step):
-            sched.step()
-        rng = np.random.default_rng([cfg.seed, start_epoch])
-        batches.rng = rng
-        log.info("resumed from %s at epoch %d", checkpoint_dir, start_epoch)
-
-    t0, seen = time.perf_counter(), 0
-    bar = tqdm(total=total, initial=step, desc="distill", unit="step", disable=not (progress and acc.is_main_process))
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= total:
-            break
-        head_only = epoch < cfg.head_only_epochs
+    def head_only(epoch: int) -> None:  # two-stage mode: the body learns from epoch head_only_epochs on
         for p in body:
-            p.requires_grad_(not head_only)
-        progress_frac = step / max(1, total)
-        if curriculum is not None and difficulty is not None:
-            order = curriculum.select(difficulty, progress_frac, len(train), rng)
-        else:
-            order = rng.permutation(len(train))
-        # Shard the epoch's batches across processes (a no-op on one process).
-        epoch_batches = batches.epoch(np.asarray(order))[acc.process_index::acc.num_processes]
-        losses_sum, n_batches = 0.0, 0
-        for idx in epoch_batches:
-            if step >= total:
-                break
-            frac = step / max(1, total)
-            T, w_kd = temp(frac), kd_w(frac)
-            texts = [train.texts[i] for i in idx]
-            enc = tokenizer(texts, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt").to(acc.device)
-            labels = torch.as_tensor(train.labels[idx], device=acc.device)
-            with acc.accumulate(model), acc.autocast():
-                out = model(enc["input_ids"], enc["attention_mask"], output_hidden_states=lc.feature_weight > 0,
-                            output_attentions=lc.attention_weight > 0)
-                t_out = None
-                if train.teacher_logits is not None:
-                    t_logits = torch.as_tensor(train.teacher_logits[idx], device=acc.device)
-                if train.teacher_logits is None or lc.needs_teacher_states:
-                    with torch.no_grad():
-                        t_enc = teacher.encode(texts) if train.teacher_logits is None else enc
-                        t_enc = {k: v.to(acc.device) for k, v in t_enc.items()}
-                        t_out = teacher.model(**t_enc, output_hidden_states=lc.needs_teacher_states,
-                                              output_attentions=lc.attention_weight > 0)
-                    if train.teacher_logits is None:
-                        t_logits = t_out.logits.float()
-                weights = None
-                if cfg.hard_example_power > 0:
-                    per = F.cross_entropy(out.logits.float(), t_logits.argmax(-1), reduction="none")
-                    weights = hard_example_weights(per, power=cfg.hard_example_power)
-                loss = losses.response_kd_loss(out.logits.float(), t_logits, labels, temperature=T, alpha=1.0 - w_kd, weights=weights)
-                if lc.feature_weight > 0:
-                    loss = loss + lc.feature_weight * losses.feature_kd_loss(
-                        list(out.hidden_states), list(t_out.hidden_states), list(layer_map), projector, enc["attention_mask"])
-                if lc.attention_weight > 0:
-                    amap = [(s - 1, t - 1) for s, t in layer_map]
-                    loss = loss + lc.attention_weight * losses.attention_transfer_loss(
-                        list(out.attentions), list(t_out.attentions), amap, enc["attention_mask"])
-                if lc.relation_weight > 0:
-                    m = enc["attention_mask"][..., None].float()
-                    t_emb = (t_out.hidden_states[-1] * m).sum(1) / m.sum(1)
-                    loss = loss + lc.relation_weight * losses.relation_kd_loss(out.pooled.float(), t_emb.float())
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
-                sched.step()
-                step += 1
-                bar.update(1)
-            seen += len(idx)
-            losses_sum += float(loss.detach())
-            n_batches += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{T:.2f}")
-        record = {"epoch": epoch, "step": step, "train_loss": losses_sum / max(1, n_batches), "temperature": T, "kd_weight": w_kd}
-        if val is not None and len(val) and acc.is_main_process:
-            record.update(_accuracy(acc.unwrap_model(model), tokenizer, val, cfg.max_length, acc.device))
-        history.append(record)
-        log.info("epoch %d: %s", epoch, record)
-        if on_epoch is not None and acc.is_main_process:
-            on_epoch(record)
-        score = record.get("val_accuracy", record.get("val_agreement"))
-        if score is not None:
-            if score > best:
-                best, best_epoch, bad_epochs = score, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
-            else:
-                bad_epochs += 1
-        if checkpoint_dir is not None and acc.is_main_process:
-            _save_checkpoint(checkpoint_dir, acc.unwrap_model(model), opt, epoch, step, history, best, best_epoch, bad_epochs)
-        if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience:
-            log.info("early stopping after epoch %d (best %d)", epoch, best_epoch)
-            break
-    bar.close()
-    if best_epoch >= 0 and "best_state" in locals() and best_epoch != history[-1]["epoch"]:
-        acc.unwrap_model(model).load_state_dict(best_state)  # keep the best validated weights
-    elapsed = time.perf_counter() - t0
-    acc.unwrap_model(model).eval()
-    return DistillResult(history, best_epoch, elapsed, seen / elapsed if elapsed else 0.0, step)
+            p.requires_grad_(epoch >= cfg.head_only_epochs)
 
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors for tensors, JSON for the rest (no pickle, so no torch.save).
-
-
-def _save_checkpoint(directory: Path, model, opt, epoch, step, history, best, best_epoch, bad_epochs) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / "student.safetensors"))
-    tensors, meta = {}, {}
-    for i, (p, st) in enumerate(opt.state.items()):
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{i}.{k}"] = v.detach().contiguous().cpu().reshape(-1) if v.dim() == 0 else v.detach().contiguous().cpu()
-                meta[f"{i}.{k}"] = list(v.shape)
-    if tensors:
-        save_file(tensors, str(directory / "optimizer.safetensors"))
-    state = {"epoch": epoch, "step": step, "history": history, "best": best, "best_epoch": best_epoch,
-             "bad_epochs": bad_epochs, "opt_meta": meta}
-    tmp = directory / "state.json.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(directory / "state.json")  # state.json appears only when the weights are complete
-
-
-def _load_opt(opt, path: Path, meta: dict) -> None:
-    if not path.exists():
-        return
-    tensors = load_file(str(path))
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        st = {}
-        for k, v in tensors.items():
-            pi, name = k.split(".", 1)
-            if int(pi) == i:
-                st[name] = v.reshape(meta[k]).to(p.device)
-        if st:
-            opt.state[p] = st
+    curriculum = Curriculum(0.2, 0.8) if cfg.curriculum else None
+    difficulty = None
+    if curriculum is not None and train.teacher_logits is not None:
+        difficulty = teacher_entropy(train.teacher_logits)
+    batches = RowBatches(np.array([len(t) for t in train.texts]), cfg.batch_size, cfg.seed, difficulty, curriculum)
+    loss_fn = ClassifierLoss(cfg, train, tokenizer, teacher, trainer.device, projector, layer_map)
+    validate = None
+    if val is not None and len(val):
+        validate = lambda model: _accuracy(model, tokenizer, val, cfg.max_length, trainer.device)  # noqa: E731
+    extras = [projector] if projector is not None else []
+    res = trainer.fit(student, batches, loss_fn, param_groups=groups, extra_modules=extras,
+                      validate=validate, score=lambda r: r.get("val_accuracy", r.get("val_agreement")),
+                      on_record=on_epoch, on_epoch_start=head_only, checkpoint_dir=checkpoint_dir, progress=progress,
+                      desc="distill")
+    return DistillResult(res.history, res.best_epoch, res.seconds, res.samples_per_s, res.step)

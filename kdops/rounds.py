@@ -97,7 +97,7 @@ def run_round(
     rows = new_rows
     n_replay = 0
     if champion_dir is not None and replay is not None and len(replay) and cfg.replay_share > 0:
-        extra = replay.sample(int(round(cfg.replay_share * len(new_rows))))
+        extra = replay.draw(len(new_rows), cfg.replay_share)
         n_replay = len(extra)
         rows = pd.concat([new_rows, extra], ignore_index=True)
     texts = rows["text"].tolist()

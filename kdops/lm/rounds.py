@@ -26,6 +26,7 @@ from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_studen
                                save_lm_student, select_by_influence, select_layers)
 from kdops.lm.tail import TailConfig, fit_tail, fit_tail_head
 from kdops.lm.teacher import HFCausalLMTeacher
+from kdops.replay import ReplayBuffer, fraction_to_share
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,15 @@ class LMRoundResult:
 
 def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Sequence[str], out_dir: str | Path,
                  cfg: LMDistillConfig = LMDistillConfig(), shape: LMShape = LMShape(), max_length: int = 48,
-                 champion_dir: str | Path | None = None, replay_texts: Sequence[str] = (),
+                 champion_dir: str | Path | None = None, replay: ReplayBuffer | None = None,
                  lineage: Mapping | None = None, device: str = "cpu", progress: bool = True,
-                 tail: TailConfig | None = None, monitor_texts: Sequence[str] = ()) -> LMRoundResult:
+                 tail: TailConfig | None = None, monitor_texts: Sequence[str] = (),
+                 checkpoint_dir: str | Path | None = None) -> LMRoundResult:
     """Distil one round into ``out_dir`` (written atomically) and return where it went. ``tail``: how the context
     tail is fitted (default: ``TailConfig(rank=shape.tail_rank)``). ``monitor_texts``: held-out texts (never
-    trained on) whose perplexity is followed during distillation (``info["heldout_curve"]``)."""
+    trained on) whose perplexity is followed during distillation (``info["heldout_curve"]``). ``replay``: the
+    reservoir the round draws earlier text from (``cfg.replay_fraction`` of every batch). ``checkpoint_dir``: where
+    the distillation checkpoints, so that a killed round resumes."""
     t0 = time.perf_counter()
     tail = tail if tail is not None else TailConfig(rank=shape.tail_rank)
     seqs = teacher.encode(list(texts), max_length)
@@ -99,16 +103,17 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
         student = prune_layers(teacher.model, layers, keep)
         if shape.intermediate is not None:  # then width: the kept layers' most active MLP neurons
             prune_mlp(student, shape.intermediate, sample, teacher.pad_id)
-    n_replay = int(round(len(seqs) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))) if replay_texts else 0
-    replay = replay_sample(teacher.encode(list(replay_texts), max_length), n_replay, cfg.seed) if n_replay else []
+    drawn = replay.draw(len(seqs), fraction_to_share(cfg.replay_fraction)) if replay is not None else None
+    replay_seqs = teacher.encode(drawn["text"].tolist(), max_length) if drawn is not None and len(drawn) else []
     monitor = teacher.encode(list(monitor_texts), max_length) if monitor_texts else []
     heldout = (calibration if tail.holdout else []) + monitor
-    res = distill_round(student, teacher, cache, seqs, cfg, replay=replay, pad_id=teacher.pad_id, device=device,
-                        progress=progress, heldout=heldout, heldout_every=max(1, cfg.steps // 8))
+    res = distill_round(student, teacher, cache, seqs, cfg, replay=replay_seqs, pad_id=teacher.pad_id, device=device,
+                        progress=progress, heldout=heldout, heldout_every=max(1, cfg.steps // 8),
+                        checkpoint_dir=checkpoint_dir)
     tail_info, head_info = None, None
     if student.trimmed:  # <other>'s spread over the dropped ids, from this round's text and cached teacher top-k
         student.set_head(None)  # a champion's head was fitted to the champion's hidden states
-        pool = [list(s) for s in [*seqs, *replay] if len(s) > 1]
+        pool = [list(s) for s in [*seqs, *replay_seqs] if len(s) > 1]
         topk = cache.get_or_compute_topk(teacher, pool, cfg.topk) if cfg.alpha < 1.0 else None
         fit = fit_tail(student.full_vocab_size, student.keep_ids.cpu(), pool, topk, seed=cfg.seed)
         student.set_tail(fit.logprob)
@@ -127,7 +132,7 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
         details={"layers": layers, "trim_vocab": shape.trim_vocab if champion_dir is None else None,
                  "intermediate": int(student.config.intermediate_size),
                  "parent_artifact": str(champion_dir) if champion_dir else None, "sequences": len(seqs),
-                 "replay": len(replay), "tail": tail_info, "tail_head": head_info,
+                 "replay": len(replay_seqs), "tail": tail_info, "tail_head": head_info,
                  "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,
                  "monitor_sequences": len(monitor_texts), **lin},
     )
