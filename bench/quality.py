@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,8 +32,9 @@ from kdops.distill import DistillConfig, DistillData, distill  # noqa: E402
 from kdops.evaluate import accuracy, measure_speed  # noqa: E402
 from kdops.paths import home  # noqa: E402
 from kdops.predict import Predictor  # noqa: E402
+from kdops.recipes import recipe  # noqa: E402
 from kdops.replay import ReplayBuffer  # noqa: E402
-from kdops.rounds import StudentShape, build_student, run_round  # noqa: E402
+from kdops.rounds import build_student, run_round  # noqa: E402
 from kdops.soft_labels import SoftLabelCache  # noqa: E402
 from kdops.teacher import HFTeacher, TeacherTrainConfig, bootstrap_sentiment_teacher  # noqa: E402
 
@@ -72,14 +74,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/quality.json"), help="Where to write the JSON results.")
     ap.add_argument("--quick", action="store_true", help="Smaller budget (fewer epochs and rows); same fields.")
-    ap.add_argument("--epochs", type=int, default=None, help="Epochs for the full distillation (default 8, quick 2).")
-    ap.add_argument("--layers", type=int, default=2, help="Student layers carved from the teacher.")
-    ap.add_argument("--embedding-size", type=int, default=64, help="Rank of the student's factorised embeddings.")
-    ap.add_argument("--intermediate-size", type=int, default=768, help="Student FFN width.")
+    ap.add_argument("--recipe", default="classifier", help="Named recipe of the full distillation (kdops/recipes.py).")
+    ap.add_argument("--inc-recipe", default="classifier-incremental", help="Named recipe of the incremental round.")
+    ap.add_argument("--epochs", type=int, default=None, help="Epochs for the full distillation (default: the recipe's; quick 2).")
+    ap.add_argument("--layers", type=int, default=None, help="Student layers carved from the teacher (default: the recipe's).")
+    ap.add_argument("--embedding-size", type=int, default=None, help="Rank of the student's factorised embeddings (default: the recipe's).")
+    ap.add_argument("--intermediate-size", type=int, default=None, help="Student FFN width (default: the recipe's).")
     ap.add_argument("--tweets", type=int, default=2000, help="Unlabelled tweets arriving for the incremental round.")
-    ap.add_argument("--inc-epochs", type=int, default=4, help="Epochs of the incremental round.")
-    ap.add_argument("--replay-share", type=float, default=1.0, help="Replay rows per new row in the incremental round.")
-    ap.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate of the full distillation.")
+    ap.add_argument("--inc-epochs", type=int, default=None, help="Epochs of the incremental round (default: the recipe's).")
+    ap.add_argument("--replay-share", type=float, default=None, help="Replay rows per new row in the incremental round (default: the recipe's).")
+    ap.add_argument("--lr", type=float, default=None, help="Peak learning rate of the full distillation (default: the recipe's).")
     ap.add_argument("--compile", default="auto", help="torch.compile: auto (GPU only), yes or no.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
@@ -89,8 +93,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    epochs = args.epochs or (2 if args.quick else 8)
-    inc_epochs = args.inc_epochs
+    full, inc = recipe(args.recipe), recipe(args.inc_recipe)
+    epochs = args.epochs or (2 if args.quick else full.distill.epochs)
+    inc_epochs = args.inc_epochs or inc.distill.epochs
     root = home()
     work = root / "bench" / "quality"
     work.mkdir(parents=True, exist_ok=True)
@@ -129,8 +134,9 @@ def main() -> None:
     res["teacher_accuracy"] = res["teacher_accuracy_per_domain"]["movie"]
 
     # --- full distillation on movie ------------------------------------------------------------
-    shape = StudentShape(layers=args.layers, embedding_size=args.embedding_size, intermediate_size=args.intermediate_size)
-    cfg = DistillConfig(epochs=epochs, batch_size=32, lr=args.lr, early_stopping_patience=0, compile=args.compile)
+    given = {"layers": args.layers, "embedding_size": args.embedding_size, "intermediate_size": args.intermediate_size}
+    shape = replace(full.shape, **{k: v for k, v in given.items() if v is not None})
+    cfg = replace(full.distill, epochs=epochs, compile=args.compile, **({"lr": args.lr} if args.lr else {}))
     val = movie_train.sample(n=min(500, len(movie_train) // 5), random_state=1)
     train = movie_train.drop(val.index)
     replay = ReplayBuffer(capacity=4000, seed=13)
@@ -161,8 +167,8 @@ def main() -> None:
     # --- incremental scenario: 2,000 unlabelled tweets arrive --------------------------------------
     tweets = corpora.load("sentiment", split="train", domains=("tweets",)).rows.sample(n=args.tweets, random_state=3)
     tweets_unlabelled = tweets.assign(label=None)  # only teacher soft labels are used
-    inc_cfg = DistillConfig(epochs=inc_epochs, batch_size=32, lr=1e-4, early_stopping_patience=0, replay_share=args.replay_share,
-                            compile=args.compile)
+    inc_cfg = replace(inc.distill, epochs=inc_epochs, compile=args.compile,
+                      **({"replay_share": args.replay_share} if args.replay_share is not None else {}))
     cache.get_or_compute(teacher, tweets["text"].tolist(), progress=True)  # labelling is shared by both arms
     r2 = run_round(teacher, cache, tweets_unlabelled, work / "student_v2", inc_cfg, champion_dir=r1.artifact, replay=replay)
     v2 = Predictor.from_dir(r2.artifact, device=args.device)
