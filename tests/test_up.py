@@ -285,7 +285,7 @@ def test_kdops_up_serves_deployments_and_stops_on_sigterm(tmp_path):
             time.sleep(2)
         assert set(deps) == DEPLOYMENTS, sorted(deps)
         monitor = deps["kdops-monitor"]
-        assert monitor.entrypoint == "flows.up.monitor_tick"
+        assert monitor.entrypoint == "flows.monitor.monitor_tick"
         assert [s.schedule.interval.total_seconds() for s in monitor.schedules if s.active] == [5.0]
         assert any(r.state_type.value == "COMPLETED" for r in runs), [(r.name, r.state_name) for r in runs]
         assert monitor.parameters["ctx"]["home"] == str(home) and monitor.parameters["ctx"]["triton_url"]
