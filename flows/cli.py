@@ -107,7 +107,8 @@ def lm_distill(
     eval_sentences: int = typer.Option(100, "--eval-sentences", min=1, help="Held-out sentences per domain (test split) for perplexity."),
     steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps in this round; default: the recipe's."),
     layers: int = typer.Option(None, "--layers", min=1, help="First round: teacher layers the student keeps; default: the recipe's."),
-    trim_vocab: int = typer.Option(None, "--trim-vocab", min=-1, help="First round: keep ids seen in training plus the first N (-1: the full vocabulary); default: the recipe's."),
+    trim_vocab: int = typer.Option(None, "--trim-vocab", min=-1, help="First round: keep ids seen in training plus the first N (-1: the full vocabulary); default: the recipe's. A trimmed embedding is trained."),
+    intermediate: int = typer.Option(None, "--intermediate", min=1, help="First round: MLP neurons each kept layer keeps, the most active on the round's text; default: all."),
     max_ppl_ratio: float = typer.Option(None, "--max-ppl-ratio", help="Gate: student / teacher perplexity limit; default: the recipe's."),
     model: str = typer.Option("kdops-lm-student", "--model", help="Registered and served model name."),
     teacher_dir: Path = typer.Option(None, "--teacher-dir", help="A local causal-LM directory (safetensors); default the shipped SmolLM2-135M-Instruct."),
@@ -135,9 +136,12 @@ def lm_distill(
         if not isinstance(r, LMRecipe):
             raise ValueError(f"recipe {recipe_name!r} is not a causal-LM recipe.")
         shape = {"layers": layers} if layers else {}
+        shape.update({"intermediate": intermediate} if intermediate else {})
+        distill = {"steps": steps} if steps else {}
         if trim_vocab is not None:
             shape["trim_vocab"] = None if trim_vocab == -1 else trim_vocab
-        r = replace(r, distill=replace(r.distill, seed=seed, **({"steps": steps} if steps else {})),
+            distill["freeze_embeddings"] = trim_vocab == -1  # a trimmed embedding's rows must learn their new ids
+        r = replace(r, distill=replace(r.distill, seed=seed, **distill),
                     shape=replace(r.shape, **shape),
                     gate=replace(r.gate, **({"max_ppl_ratio": max_ppl_ratio} if max_ppl_ratio else {})),
                     **({"train_sentences": train_sentences} if train_sentences else {}))
