@@ -1,12 +1,12 @@
 """``monitor_tick``: the flow ``kdops up`` runs on a schedule (and the demo runs per window).
 
 champion (registry) -> its reference profile (built once from its lineage's training texts, cached under
-``Home.reference(v)``) -> the prediction log since the last check -> ``monitor_flow`` -> on ``retrain``, the served
+``Home.reference(model, v)``) -> the prediction log since the last check -> ``monitor_flow`` -> on ``retrain``, the served
 texts become a snapshot and ``distill_flow`` continues the champion (a run of the ``kdops-distill`` deployment when
 it exists); ``review`` opens a case inside ``monitor_flow``. Generic over the task kind: a causal-LM champion is
 monitored on its prompts (text checks only) because its kind gives no probabilities or teacher labels.
 
-State kept in ``Home.loop_state``: the champion last seen, the time checked up to, the distill run started last.
+State kept in ``Home.loop_state(model)``: the champion last seen, the time checked up to, the distill run started last.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ DISTILL_DEPLOYMENT = "distill_flow/kdops-distill"
 # -- state on disk ------------------------------------------------------------------------------------
 
 def read_state(ctx: LoopContext) -> dict:
-    return read_json(ctx.paths.loop_state, {})
+    return read_json(ctx.paths.loop_state(ctx.model), {})
 
 
 def write_state(ctx: LoopContext, state: dict) -> None:
-    atomic_write(ctx.paths.loop_state, state)  # a killed tick never leaves half a state file
+    atomic_write(ctx.paths.loop_state(ctx.model), state)  # a killed tick never leaves half a state file
 
 
 def reference_dir(ctx: LoopContext, version: int) -> Path:
-    return ctx.paths.reference(version)
+    return ctx.paths.reference(ctx.model, version)
 
 
 # -- tasks --------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def current_champion(ctx: LoopContext) -> Champion | None:
 
 @task(name="champion-reference", cache_policy=None)
 def champion_reference(ctx: LoopContext, champion: Champion, reference_rows: int) -> dict | None:
-    """The champion's monitoring reference, built once per version and cached under ``Home.reference(v)``: its
+    """The champion's monitoring reference, built once per version and cached under ``Home.reference(model, v)``: its
     training texts (through its lineage) profiled with what its kind monitors, plus the champion's own
     disagreement with the teacher on them (the baseline of the disagreement check). None without any texts."""
     d = reference_dir(ctx, champion.version)

@@ -158,7 +158,7 @@ def _announce(echo, prefect, paths, ctx: LoopContext, triton, cfg: UpConfig, ver
     echo(f"MLflow store: {ctx.uri}  (browse: kdops registry ui)")
     echo(f"Triton: http://{triton.url} (gRPC {triton.grpc_url}){' attached' if cfg.triton_url else ''}; "
          f"model {cfg.model}: {'v' + str(version) if version is not None else 'no champion yet'}")
-    echo(f"Prediction log: {ctx.prediction_log}; loop state: {paths.loop_state.parent}")
+    echo(f"Prediction log: {ctx.prediction_log}; loop state: {paths.loop_state(ctx.model).parent}")
 
 
 def _serve(deployments: list, for_seconds: float | None, echo) -> None:

@@ -114,13 +114,13 @@ class Home:
     def review_db(self) -> Path:
         return self.root / "review.sqlite"
 
-    @property
-    def loop_state(self) -> Path:
-        return self.root / "loop" / "state.json"
+    def loop_state(self, model: str) -> Path:
+        """What the monitor remembers about one served model (champion seen, time checked up to, round started)."""
+        return self.root / "loop" / model / "state.json"
 
-    def reference(self, version: int) -> Path:
-        """The champion's cached monitoring reference profile."""
-        return self.root / "loop" / "reference" / f"v{version}"
+    def reference(self, model: str, version: int) -> Path:
+        """A champion's cached monitoring reference profile (versions are numbered per registered model)."""
+        return self.root / "loop" / "reference" / model / f"v{version}"
 
     @property
     def demo(self) -> Path:

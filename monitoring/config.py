@@ -152,10 +152,11 @@ class TriggerConfig:
 def calibrated_config(baseline_rate: float | None, base: MonitorConfig | None = None) -> MonitorConfig:
     """The monitor config for one champion: its disagreement baseline is the champion's own disagreement with the
     teacher on its training texts (a fixed baseline would be wrong for most students), and the teacher re-labels
-    the whole window (a 5 % sample cannot reach the split alpha). Without a baseline (a kind with no teacher
-    labels to disagree with) the checks stay as they are."""
+    the whole window, up to 5,000 texts (a 5 % sample, or 500 texts of a long window, cannot reach the split alpha
+    for a shift of a few points). Without a baseline (a kind with no teacher labels to disagree with) the checks
+    stay as they are."""
     base = base or MonitorConfig()
     if baseline_rate is None:
         return base
-    check = DisagreementCheck(sample_share=1.0, baseline_rate=min(0.5, baseline_rate), tolerance=0.03)
+    check = DisagreementCheck(sample_share=1.0, max_sample=5000, baseline_rate=min(0.5, baseline_rate), tolerance=0.03)
     return replace(base, disagreement=check)

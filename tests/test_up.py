@@ -64,7 +64,7 @@ def test_monitor_tick_without_champion(tmp_path, kdops_home, harness):
 
     out = monitor_tick(_ctx(tmp_path, kdops_home), window_s=60, min_rows=1)
     assert out == {"action": "no-champion"}
-    assert not (kdops_home / "loop" / "state.json").exists()  # nothing checked, nothing to remember
+    assert not (kdops_home / "loop" / "kdops-student" / "state.json").exists()  # nothing checked, nothing to remember
 
 
 @pytest.mark.server
