@@ -161,7 +161,7 @@ def tiny_models(root: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import make_teacher, make_tokenizer
 
-    from kdops.artifacts import StudentMeta, save_student
+    from kdops.artifacts import Lineage, save_student
     from kdops.student import from_teacher
 
     tok = make_tokenizer(root / "tok")
@@ -172,7 +172,7 @@ def tiny_models(root: Path):
     students = []
     for seed in (0, 1):
         s = from_teacher(make_teacher(tok, layers=4, hidden=128, seed=seed), num_labels=2, layers=[1], embedding_size=32)
-        students.append(save_student(root / f"student{seed}", s, tok, StudentMeta(["neg", "pos"], max_length=64)))
+        students.append(save_student(root / f"student{seed}", s, tok, ["neg", "pos"], 64, Lineage()).path)
     return students, root / "teacher"
 
 
