@@ -93,7 +93,7 @@ def champion_reference(ctx: LoopContext, champion: Champion, reference_rows: int
 def _teacher_or_none(ctx: LoopContext, kind):
     from flows.tasks import load_teacher
 
-    return load_teacher(ctx, kind) if ctx.teacher_dir else None
+    return load_teacher(ctx, kind) if ctx.has_teacher else None
 
 
 @task(name="served-texts", cache_policy=None)
@@ -201,8 +201,9 @@ def monitor_tick(ctx: LoopContext, window_s: float = 3600.0, min_rows: int = 200
     ``window_s``: look back at most this far; ``min_rows``: wait (keep the window open) until this many
     predictions were served; ``reference_rows``: training texts in the champion's reference profile;
     ``eval_id``: evaluation snapshot for a retrain (default: the one the champion was gated on);
-    ``teacher_sample``: run the teacher-disagreement check (needs ``ctx.teacher_dir``); ``recipe``: the retrain
-    round's recipe (default: the champion kind's); ``trigger``: a ``monitoring.TriggerConfig``."""
+    ``teacher_sample``: run the teacher-disagreement check (needs a teacher: ``ctx.teacher_dir`` or
+    ``ctx.teacher_url``); ``recipe``: the retrain round's recipe (default: the champion kind's); ``trigger``: a
+    ``monitoring.TriggerConfig``."""
     from flows.loop import monitor_flow
     from monitoring import ReferenceProfile, calibrated_config
 
@@ -224,7 +225,7 @@ def monitor_tick(ctx: LoopContext, window_s: float = 3600.0, min_rows: int = 200
         logger.info("v%s: %d prediction(s) served since %s; waiting for %d", champion.version, len(texts),
                     time.strftime("%H:%M:%S", time.localtime(since)), min_rows)
         return {"action": "waiting", "champion": champion.version, "rows": len(texts)}
-    checks_teacher = teacher_sample and bool(ctx.teacher_dir) and meta.get("baseline_rate") is not None
+    checks_teacher = teacher_sample and ctx.has_teacher and meta.get("baseline_rate") is not None
     res = monitor_flow(ctx, ReferenceProfile.load(reference_dir(ctx, champion.version)), since, now,
                        window_id=time.strftime("tick-%Y%m%dT%H%M%S", time.gmtime(now)),
                        teacher_kind=meta["kind"] if checks_teacher else None,

@@ -32,7 +32,7 @@ class LoopContext:
     """Where a loop keeps its state and which servers it talks to: configuration, not globals."""
 
     home: str = field(metadata={"help": "kdops data directory (snapshots, caches, students)."})
-    teacher_dir: str = field(metadata={"help": "Teacher model directory (a transformers model of the recipe's kind)."})
+    teacher_dir: str = field(default="", metadata={"help": "Teacher model directory (a transformers model of the recipe's kind); empty: a served teacher (teacher_url) or none."})
     tracking_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (None: the home's embedded SQLite)."})
     triton_url: str = field(default="", metadata={"help": "Triton HTTP host:port."})
     triton_grpc_url: str = field(default="", metadata={"help": "Triton gRPC host:port: model control goes over gRPC (an HTTP load blocks pinned HTTP connections)."})
@@ -41,6 +41,17 @@ class LoopContext:
     model: str = field(default=MODEL, metadata={"help": "Registered and served model name."})
     prediction_log: str = field(default="", metadata={"help": "Prediction-log directory written by the server."})
     device: str = field(default="cpu", metadata={"help": "Training device."})
+    teacher_url: str = field(default="", metadata={"help": "Triton HTTP host:port serving the teacher (instead of teacher_dir): no local teacher weights."})
+    teacher_model: str = field(default="", metadata={"help": "The served teacher's model name (with teacher_url)."})
+
+    @property
+    def has_teacher(self) -> bool:
+        return bool(self.teacher_dir or self.teacher_url)
+
+    @property
+    def teacher(self) -> kinds.TeacherSpec:
+        """The loop's teacher as a spec; UserError when none (or a half-given served one) is configured."""
+        return kinds.TeacherSpec(path=self.teacher_dir, url=self.teacher_url, model=self.teacher_model)
 
     @property
     def paths(self) -> Home:
@@ -56,16 +67,28 @@ class LoopContext:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_teacher(kind, directory: str, device: str, stamp: int):
-    return kinds.get(kind).load_teacher(directory, device=device)
+def _load_local_teacher(kind, spec: kinds.TeacherSpec, device: str, stamp: int):
+    return kinds.get(kind).load_teacher(spec, device=device)
+
+
+def served_teacher(spec: kinds.TeacherSpec):
+    """The loader of served teachers the kinds are given: ``serving.teacher.TritonTeacher``."""
+    from serving.teacher import TritonTeacher
+
+    return TritonTeacher(spec.url, spec.model)
 
 
 def load_teacher(ctx: LoopContext, kind):
-    """The loop's teacher, loaded once per process and shared by the tasks of a flow (read-only use): a round
-    labels, distils and evaluates with it. A rewritten weights file (new modification time) loads afresh."""
-    weights = Path(ctx.teacher_dir) / "model.safetensors"
+    """The loop's teacher, shared by the tasks of a flow (read-only use): a round labels, distils and evaluates
+    with it. A local one is loaded once per process (a rewritten weights file, a new modification time, loads
+    afresh); a served one is asked for its config each time (one HTTP call), so a teacher re-deployed under the
+    same name is seen with its new id and never fills the cache under the old one."""
+    spec = ctx.teacher
+    if spec.remote:
+        return kinds.get(kind).load_teacher(spec, device=ctx.device, remote=served_teacher)
+    weights = Path(spec.path) / "model.safetensors"
     stamp = weights.stat().st_mtime_ns if weights.exists() else 0
-    return _load_teacher(kind, str(ctx.teacher_dir), ctx.device, stamp)
+    return _load_local_teacher(kind, spec, ctx.device, stamp)
 
 
 def save_snapshot(ctx: LoopContext, rows: pd.DataFrame, labels: tuple[str, ...] | None) -> str:

@@ -119,6 +119,12 @@ class DistillData:
     @staticmethod
     def from_rows(rows, label_names: list[str], teacher_logits: np.ndarray | None) -> "DistillData":
         index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({str(lab) for lab in rows["label"] if lab is not None and lab == lab and lab not in index})
+        if unknown:  # never train on labels the teacher does not have (they would silently count as unlabelled)
+            from kdops.errors import LabelMismatch
+
+            raise LabelMismatch(f"training rows have labels {unknown} the teacher does not know (its labels: "
+                                f"{list(label_names)}); map them in kdops.toml [task.label_map] or train a matching teacher.")
         labels = np.array([index.get(lab, -100) if lab is not None else -100 for lab in rows["label"]], np.int64)
         return DistillData(rows["text"].tolist(), teacher_logits, labels, rows["domain"].tolist())
 
@@ -216,6 +222,8 @@ class ClassifierLoss:
         cached, t_logits, t_out = self.train.teacher_logits, None, None
         if cached is not None:
             t_logits = torch.as_tensor(cached[idx], device=self.device)
+        if cached is None and getattr(self.teacher, "model", None) is None:  # a served teacher: logits only
+            return torch.as_tensor(np.asarray(self.teacher.logits(texts), np.float32), device=self.device), None
         if cached is None or self.lc.needs_teacher_states:
             with torch.no_grad():
                 t_enc = self.teacher.encode(texts) if cached is None else enc
@@ -266,8 +274,8 @@ def _check(train: DistillData, tokenizer, teacher, lc: LossConfig) -> None:
     if train.teacher_logits is None and teacher is None:
         raise ValueError("train.teacher_logits is None: pass a teacher to run it online.")
     if lc.needs_teacher_states:
-        if teacher is None:
-            raise ValueError("feature/attention/relation transfer needs a local teacher.")
+        if getattr(teacher, "model", None) is None:
+            raise ValueError("feature/attention/relation transfer needs a local teacher (a served one gives logits only).")
         if teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError("feature/attention transfer needs the teacher's tokenizer; set those weights to 0.")
 
@@ -304,9 +312,10 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` in place on ``train``; returns the per-epoch history.
 
-    ``teacher`` (an ``HFTeacher``) is needed when ``train.teacher_logits`` is None (online mode) or when the
-    loss uses feature, attention or relation transfer. ``checkpoint_dir`` enables resume: a killed run restarts
-    from its last finished epoch and ends with the weights the uninterrupted run would have had.
+    ``teacher`` is needed when ``train.teacher_logits`` is None (online mode: any ``Teacher``, served ones included)
+    or when the loss uses feature, attention or relation transfer (a local ``HFTeacher`` only). ``checkpoint_dir``
+    enables resume: a killed run restarts from its last finished epoch and ends with the weights the uninterrupted
+    run would have had.
     ``on_epoch(record)`` is called after each epoch (MLflow logging).
     """
     lc = cfg.loss

@@ -131,7 +131,10 @@ def evaluate(predictor, rows: pd.DataFrame, teacher_logits: np.ndarray, label_na
     index = {n: i for i, n in enumerate(label_names)}
     rows = rows[rows["label"].isin(index)].reset_index(drop=True)
     if rows.empty:
-        raise ValueError("evaluation needs labelled rows with known labels.")
+        from kdops.errors import LabelMismatch
+
+        raise LabelMismatch(f"evaluation needs labelled rows with the teacher's labels {list(label_names)}; "
+                            "the data has none (check its label column, or map its labels in kdops.toml [task.label_map]).")
     if len(teacher_logits) != len(rows):
         raise ValueError("teacher_logits must align with the labelled rows.")
     labels = rows["label"].map(index).to_numpy()

@@ -284,6 +284,15 @@ def _teacher_dir(hf_dir: str | Path) -> Path:
     return src
 
 
+def _safetensors_numel(path: Path) -> int:
+    """Values stored in a safetensors file, read from its header alone (8-byte length, then JSON)."""
+    import math
+
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
 def export_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: int = 1,
                    cfg: ExportConfig = ExportConfig()) -> Path:
     """Export a transformers sequence classifier saved with safetensors (``save_pretrained``)."""
@@ -298,7 +307,7 @@ def export_teacher(hf_dir: str | Path, repo: str | Path, name: str, version: int
     labels = [id2label[str(i)] for i in range(len(id2label))]
     params = {"kdops_kind": "teacher", "kdops_version": str(version), "kdops_max_chars": cfg.max_chars,
               "kdops_torch_threads": cfg.torch_threads, "kdops_label_names": json.dumps(labels),
-              "kdops_teacher_id": directory_id(src)}
+              "kdops_teacher_id": directory_id(src), "kdops_teacher_params": _safetensors_numel(src / WEIGHTS)}
     spec = with_label_count(TEACHER_SPEC, len(labels))
     return _write_model(Path(repo), name, version, src, model_config(name, cfg, spec, params), spec)
 

@@ -1,7 +1,8 @@
 """Teachers served by Triton, behind the kdops teacher protocols.
 
 - ``TritonTeacher`` (``Teacher``: ``id``, ``label_names``, ``logits``): an HF sequence classifier exported with
-  ``serving.export.export_teacher``; distillation asks it for logits over HTTP in batches.
+  ``serving.export.export_teacher``; distillation asks it for logits over HTTP in batches. It has no local weights:
+  a first round carves its student from a local base encoder (``kdops.rounds.StudentShape.base``).
 - ``TritonLMTeacher`` (``kdops.lm.teacher.LMTeacher``: ``id``, ``vocab_size``, ``encode``, ``topk``,
   ``generate``): a causal LM exported with ``export_lm_teacher``; it returns top-k next-token log-probs, so
   the LM top-k cache and ``distill_round`` use it exactly like a local teacher (same ``id``, same cache rows).
@@ -35,6 +36,11 @@ class TritonTeacher:
         self.label_names = json.loads(params["kdops_label_names"])
         # The content id of the exported weights: soft-label caches keyed on it stay valid across servers.
         self.id = params.get("kdops_teacher_id") or f"triton:{model_name}"
+        self._params = int(params["kdops_teacher_params"]) if params.get("kdops_teacher_params") else None
+
+    def num_parameters(self) -> int | None:
+        """The served weights' size as its export recorded it (None for an export that did not)."""
+        return self._params
 
     def logits(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), len(self.label_names)), np.float32)

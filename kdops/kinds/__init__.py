@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdops.artifacts import Artifact, Kind
-from kdops.kinds.base import RoundOutput, RoundRequest, ServingSpec, TaskKind, Tensor
+from kdops.kinds.base import RemoteTeacherLoader, RoundOutput, RoundRequest, ServingSpec, TaskKind, TeacherSpec, Tensor
 from kdops.kinds.causal_lm import CausalLMKind
 from kdops.kinds.classifier import ClassifierKind
 
@@ -41,5 +41,5 @@ def load(artifact: Artifact | str | Path, device: str = "cpu"):
     return get(art.kind).load(art, device=device)
 
 
-__all__ = ["KINDS", "Kind", "TaskKind", "RoundRequest", "RoundOutput", "ServingSpec", "Tensor", "get", "for_artifact",
-           "for_recipe", "load"]
+__all__ = ["KINDS", "Kind", "TaskKind", "RoundRequest", "RoundOutput", "ServingSpec", "Tensor", "TeacherSpec",
+           "RemoteTeacherLoader", "get", "for_artifact", "for_recipe", "load"]

@@ -14,8 +14,46 @@ from typing import Any, Callable, Protocol, Sequence
 import pandas as pd
 
 from kdops.artifacts import Artifact, Kind
+from kdops.errors import UserError
 from kdops.gate import Decision
 from kdops.paths import Home
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Which teacher a round uses: a local model directory, or a model served by Triton (URL and model name).
+
+    A kind loads a local teacher itself; a served one comes from the ``remote`` loader its caller passes to
+    ``TaskKind.load_teacher`` (the flows pass ``serving.teacher.TritonTeacher``), so kdops never imports serving/."""
+
+    path: str = field(default="", metadata={"help": "Local model directory (transformers, safetensors)."})
+    url: str = field(default="", metadata={"help": "Triton HTTP host:port serving the teacher."})
+    model: str = field(default="", metadata={"help": "The teacher's model name on that server."})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", str(self.path))
+        if bool(self.url) != bool(self.model):
+            raise UserError(f"a served teacher needs both a URL and a model name (got url={self.url!r}, model={self.model!r}).")
+        if self.path and self.url:
+            raise UserError(f"a teacher is a directory ({self.path}) or a served model ({self.model}), not both.")
+        if not (self.path or self.url):
+            raise UserError("no teacher: give a teacher directory, or a Triton URL and model name.")
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.url)
+
+    @classmethod
+    def of(cls, value: "TeacherSpec | str | Path") -> "TeacherSpec":
+        """A spec as it is, or a local directory's."""
+        return value if isinstance(value, TeacherSpec) else cls(path=str(value))
+
+    def __str__(self) -> str:
+        return self.path or f"{self.model} at {self.url}"
+
+
+# Builds a served teacher from its spec; the caller that may import serving/ provides it.
+RemoteTeacherLoader = Callable[[TeacherSpec], Any]
 
 
 @dataclass(frozen=True)
@@ -72,7 +110,10 @@ class TaskKind(Protocol):
     incremental_recipe: str  # ... and a round that continues a champion on new traffic
     serving: ServingSpec
 
-    def load_teacher(self, directory: str | Path, device: str = "cpu") -> Any: ...
+    def load_teacher(self, spec: TeacherSpec | str | Path, device: str = "cpu",
+                     remote: RemoteTeacherLoader | None = None) -> Any:
+        """The teacher ``spec`` names (a bare path is a local directory); a served one is built by ``remote``.
+        UserError when this kind cannot use such a teacher."""
 
     def teacher_outputs(self, home: Home, teacher, texts: Sequence[str], recipe) -> dict:
         """Fill the kind's content-addressed cache for ``texts``; return its hit/miss stats."""

@@ -9,7 +9,8 @@ import pandas as pd
 
 from kdops.artifacts import Artifact, Kind
 from kdops.gate import Decision, gate_lm
-from kdops.kinds.base import RoundOutput, RoundRequest, ServingSpec, Tensor
+from kdops.errors import UserError
+from kdops.kinds.base import RemoteTeacherLoader, RoundOutput, RoundRequest, ServingSpec, TeacherSpec, Tensor
 from kdops.paths import Home
 
 _SUMMARY_KEYS = ("ppl_ratio", "student_ppl", "teacher_ppl", "param_ratio", "speedup")
@@ -30,10 +31,13 @@ class CausalLMKind:
         generates=True,
     )
 
-    def load_teacher(self, directory: str | Path, device: str = "cpu"):
+    def load_teacher(self, spec: TeacherSpec | str | Path, device: str = "cpu", remote: RemoteTeacherLoader | None = None):
+        spec = TeacherSpec.of(spec)
+        if spec.remote:  # an LM student is carved from its teacher's layers: it needs the weights here
+            raise UserError(f"a causal-LM round needs a local teacher directory; {spec} is a served teacher.")
         from kdops.lm.teacher import HFCausalLMTeacher
 
-        return HFCausalLMTeacher(directory, device=device)
+        return HFCausalLMTeacher(spec.path, device=device)
 
     @staticmethod
     def _cache(home: Home):

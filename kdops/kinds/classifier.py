@@ -10,7 +10,8 @@ import pandas as pd
 
 from kdops.artifacts import Artifact, Kind, load_student
 from kdops.gate import Decision, gate
-from kdops.kinds.base import RoundOutput, RoundRequest, ServingSpec, Tensor
+from kdops.errors import UserError
+from kdops.kinds.base import RemoteTeacherLoader, RoundOutput, RoundRequest, ServingSpec, TeacherSpec, Tensor
 from kdops.paths import Home
 
 
@@ -27,10 +28,17 @@ class ClassifierKind:
         warmup=(("TEXT", "TYPE_STRING", "this movie was good"),),
     )
 
-    def load_teacher(self, directory: str | Path, device: str = "cpu"):
+    def load_teacher(self, spec: TeacherSpec | str | Path, device: str = "cpu", remote: RemoteTeacherLoader | None = None):
+        """A local transformers classifier, or a served one built by ``remote`` (its students are carved from a
+        local base encoder instead: ``kdops.rounds.StudentShape.base``)."""
+        spec = TeacherSpec.of(spec)
+        if spec.remote:
+            if remote is None:
+                raise UserError(f"teacher {spec} is served remotely, and no loader for served teachers was given.")
+            return remote(spec)
         from kdops.teacher import HFTeacher
 
-        return HFTeacher(directory, device=device)
+        return HFTeacher(spec.path, device=device)
 
     @staticmethod
     def _cache(home: Home):
@@ -65,8 +73,10 @@ class ClassifierKind:
 
         known = rows[rows["label"].isin(teacher.label_names)].reset_index(drop=True)
         logits = self._cache(home).get_or_compute(teacher, known["text"].tolist())
+        # a served teacher knows its size only if its export recorded it: no ratio otherwise
+        params = teacher.num_parameters() if hasattr(teacher, "num_parameters") else None
         return evaluate(Predictor.from_dir(artifact.path), known, logits, teacher.label_names, speed=speed,
-                        robustness=False, teacher_params=teacher.num_parameters()).to_dict()
+                        robustness=False, teacher_params=params).to_dict()
 
     def summary(self, report: dict) -> dict:
         return {"retention": report["retention"], "accuracy": report["overall"]["accuracy"],
