@@ -25,16 +25,26 @@ from kdops.registry import Champion
 
 
 @flow(name="distill_flow")
-def distill_flow(ctx: LoopContext, train_id: str, eval_id: str, recipe: str | ClassifierRecipe | LMRecipe = "classifier",
-                 champion: Champion | None = None, deploy: bool = True, use_review: bool = True,
-                 replay_ids: list[str] | None = None, speed: bool = False) -> dict:
+def distill_flow(ctx: LoopContext, train_id: str | None = None, eval_id: str | None = None,
+                 recipe: str | ClassifierRecipe | LMRecipe = "classifier", champion: Champion | None = None,
+                 deploy: bool = True, use_review: bool = True, replay_ids: list[str] | None = None, speed: bool = False) -> dict:
     """One round of any task kind on snapshot ``train_id`` (new rows), evaluated on snapshot ``eval_id``.
+
+    Without ``train_id`` (the ``kdops-distill`` deployment's scheduled runs) it is ``flows.sources.scheduled_round``:
+    the snapshots queued from the watched directory since the last round; ``recipe`` is then a first round's, and a
+    round continuing the champion uses its kind's incremental recipe.
 
     ``recipe``: a named recipe (``kdops.recipes``) or a recipe value; its kind chooses the implementation.
     ``champion``: the serving champion, or None for a first round; its ``report`` (the summary its promotion
     recorded, or a fresh evaluation on ``eval_id``) is what the gate compares slice by slice.
     ``use_review``: add the review queue's labelled cases to training (hard labels) and its golden set to the
     evaluation (slice ``golden``). ``replay_ids``: earlier snapshots whose text is replayed."""
+    if train_id is None:
+        from flows.sources import scheduled_round
+
+        return scheduled_round(ctx, eval_id, recipe, use_review=use_review, speed=speed, deploy=deploy)
+    if eval_id is None:
+        raise ValueError("distill_flow: a round on train_id needs eval_id.")
     log = get_run_logger()
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)

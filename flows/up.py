@@ -2,11 +2,15 @@
 
 One process starts Prefect's API server (or uses ``$PREFECT_API_URL``), points at the MLflow store (the
 embedded SQLite file or ``$MLFLOW_TRACKING_URI``), starts tritonserver (or attaches to one), puts the
-registry's champion on it, and serves five deployments with ``prefect.serve``:
+registry's champion on it, and serves these deployments with ``prefect.serve``:
 
 - ``monitor_tick/kdops-monitor`` on an interval schedule (``flows/monitor.py``);
-- ``distill_flow/kdops-distill`` (any task kind), ``promote_flow/kdops-promote``, ``rollback_flow/kdops-rollback``
-  and ``review_flow/kdops-review``,
+- ``distill_flow/kdops-distill`` (any task kind): on demand or started by the monitor, and, with ``retrain_cron`` or
+  ``retrain_interval_s``, on that schedule: a scheduled run has no ``train_id`` and trains on the snapshots queued
+  from the watched directory since the last round (``flows/sources.py``);
+- ``ingest_tick/kdops-ingest`` (with ``watch_dir``): scans the watched directory on the monitor's interval, each new
+  file ingested once and queued;
+- ``promote_flow/kdops-promote``, ``rollback_flow/kdops-rollback`` and ``review_flow/kdops-review``,
   run on demand (from the UI, ``prefect deployment run``, or the monitor).
 
 Scale-out is the same flows from ``prefect.yaml`` on a process work pool (see the README). Flow parameters are ids
@@ -26,6 +30,7 @@ from pathlib import Path
 from flows.monitor import current_champion, monitor_tick
 from flows.tasks import MODEL, LoopContext
 from kdops.artifacts import Artifact
+from kdops.data import DataSchema
 from kdops.registry import Champion
 
 log = logging.getLogger("kdops.up")
@@ -39,6 +44,8 @@ class UpConfig:
 
     home: str = field(metadata={"help": "kdops data directory (snapshots, registry store, Prefect database, logs)."})
     teacher_dir: str = field(default="", metadata={"help": "Teacher directory; empty: no teacher-disagreement check."})
+    teacher_url: str = field(default="", metadata={"help": "A teacher served by Triton (HTTP host:port) instead of teacher_dir."})
+    teacher_model: str = field(default="", metadata={"help": "The served teacher's model name."})
     interval_s: float = field(default=300.0, metadata={"help": "Seconds between monitor_tick runs."})
     window_s: float = field(default=3600.0, metadata={"help": "A tick looks back at most this many seconds."})
     min_rows: int = field(default=200, metadata={"help": "A tick checks a window once it holds this many predictions."})
@@ -48,18 +55,61 @@ class UpConfig:
     repository: str = field(default="", metadata={"help": "Triton model repository as seen from here; empty: <home>/triton-repo."})
     model: str = field(default=MODEL, metadata={"help": "Registered and served model name."})
     for_seconds: float | None = field(default=None, metadata={"help": "Stop after this many seconds; None: until a signal."})
+    # new data and schedules (the project file's [data] and [schedule])
+    watch_dir: str = field(default="", metadata={"help": "Directory where new data files land: each is ingested once and queued for the next scheduled round ('' : none)."})
+    watch_interval_s: float = field(default=0.0, metadata={"help": "Seconds between scans of watch_dir (0: interval_s)."})
+    schema: DataSchema = field(default_factory=DataSchema, metadata={"help": "How watched files and eval_data are read (the project's [data] columns)."})
+    labels: tuple[str, ...] = field(default=(), metadata={"help": "The teacher's labels ([task] labels): watched data is mapped onto them; empty: as the data says."})
+    label_map: dict[str, str] = field(default_factory=dict, metadata={"help": "Data label -> teacher label ([task.label_map])."})
+    eval_data: str = field(default="", metadata={"help": "Held-out evaluation data for scheduled rounds and retrains: a file, snapshot id or corpus:... ('' : the champion's)."})
+    kind: str = field(default="classifier", metadata={"help": "Task kind ([task] kind): a first scheduled round uses its default recipe."})
+    recipe: str = field(default="", metadata={"help": "A first round's recipe name ('' : the kind's default); rounds continuing a champion use its kind's incremental recipe."})
+    retrain_cron: str = field(default="", metadata={"help": "Cron (5 fields, UTC) for retraining rounds on newly arrived data ('' : none)."})
+    retrain_interval_s: float = field(default=0.0, metadata={"help": "Or an interval in seconds between such rounds (0: none)."})
 
     def __post_init__(self) -> None:
+        from kdops import kinds
+
         if self.interval_s <= 0 or self.window_s <= 0 or self.min_rows < 1:
             raise ValueError("interval_s and window_s must be positive and min_rows at least 1.")
+        if self.retrain_cron and self.retrain_interval_s:
+            raise ValueError("set retrain_cron or retrain_interval_s, not both.")
+        if self.retrain_interval_s < 0 or self.watch_interval_s < 0:
+            raise ValueError("retrain_interval_s and watch_interval_s must not be negative.")
+        if self.retrain_cron:
+            from prefect.client.schemas.schedules import CronSchedule
+
+            CronSchedule(cron=self.retrain_cron)  # pydantic's ValidationError is a ValueError: a bad cron fails here
+        kinds.get(self.kind)
+        if self.recipe:
+            from kdops.recipes import recipe
+
+            if recipe(self.recipe).kind.value != self.kind:
+                raise ValueError(f"recipe {self.recipe!r} is not a {self.kind} recipe.")
         if self.triton_url and not (self.repository and self.triton_key):
             raise ValueError("an attached Triton needs its model repository (as seen from here) and its admin key.")
         if self.for_seconds is not None and self.for_seconds <= 0:
             raise ValueError("for_seconds must be positive.")
 
+    @property
+    def first_recipe(self) -> str:
+        from kdops import kinds
 
-def build_deployments(ctx: LoopContext, cfg: UpConfig, label_names: list[str] | None) -> list:
-    """The served deployments. Default parameters hold ids and paths (the context), nothing large."""
+        return self.recipe or kinds.get(self.kind).default_recipe
+
+    @property
+    def retrain_schedule(self) -> dict:
+        """``to_deployment`` keywords for the scheduled retraining rounds (none: on demand only)."""
+        from datetime import timedelta
+
+        if self.retrain_cron:
+            return {"cron": self.retrain_cron}
+        return {"interval": timedelta(seconds=self.retrain_interval_s)} if self.retrain_interval_s else {}
+
+
+def build_deployments(ctx: LoopContext, cfg: UpConfig, label_names: list[str] | None, eval_id: str | None = None) -> list:
+    """The served deployments. Default parameters hold ids and paths (the context), nothing large. ``eval_id``: the
+    evaluation snapshot of scheduled rounds and monitor retrains (None: the champion's)."""
     from datetime import timedelta
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -68,20 +118,26 @@ def build_deployments(ctx: LoopContext, cfg: UpConfig, label_names: list[str] | 
     from flows.loop import distill_flow
     from flows.promotion import promote_flow, rollback_flow
     from flows.review import review_flow
+    from flows.sources import ingest_tick
 
     c = dataclasses.asdict(ctx)
+    evaluation = {"eval_id": eval_id} if eval_id else {}
+    once = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     # Module entrypoints: a run imports flows.up etc. from the installed package, whatever its working directory.
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["kdops"]}
     review_params = {"ctx": c, **({"label_names": label_names} if label_names else {})}
-    return [
+    deployments = [
         # A tick that finds the previous one still running is dropped, not queued behind it.
         monitor_tick.to_deployment("kdops-monitor", interval=timedelta(seconds=cfg.interval_s),
-                                   parameters={"ctx": c, "window_s": cfg.window_s, "min_rows": cfg.min_rows},
-                                   concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+                                   parameters={"ctx": c, "window_s": cfg.window_s, "min_rows": cfg.min_rows, **evaluation},
+                                   concurrency_limit=once,
                                    description="Check served traffic against the champion; retrain or open a review.", **common),
-        # One distillation at a time: rounds queue rather than share the CPU.
-        distill_flow.to_deployment("kdops-distill", parameters={"ctx": c}, concurrency_limit=1,
-                                   description="One distillation round of any task kind -> gate -> register -> promote | review.", **common),
+        # One distillation at a time: rounds queue rather than share the CPU; a scheduled run (no train_id) trains
+        # on the snapshots queued from the watched directory since the last round.
+        distill_flow.to_deployment("kdops-distill", parameters={"ctx": c, "recipe": cfg.first_recipe, **evaluation},
+                                   concurrency_limit=1, **cfg.retrain_schedule,
+                                   description="One distillation round of any task kind -> gate -> register -> promote | review; "
+                                               "scheduled runs train on the newly arrived data.", **common),
         promote_flow.to_deployment("kdops-promote", parameters={"ctx": c},
                                    description="Hot swap on Triton and move the champion alias (a transaction).", **common),
         rollback_flow.to_deployment("kdops-rollback", parameters={"ctx": c},
@@ -90,6 +146,13 @@ def build_deployments(ctx: LoopContext, cfg: UpConfig, label_names: list[str] | 
         review_flow.to_deployment("kdops-review", parameters=review_params,
                                   description="Work the review queue from the Prefect UI (pauses for a form).", **common),
     ]
+    if cfg.watch_dir:
+        deployments.append(ingest_tick.to_deployment(
+            "kdops-ingest", interval=timedelta(seconds=cfg.watch_interval_s or cfg.interval_s), concurrency_limit=once,
+            parameters={"ctx": c, "watch_dir": cfg.watch_dir, "data_schema": dataclasses.asdict(cfg.schema),
+                        "labels": list(cfg.labels) or None, "label_map": cfg.label_map or None},
+            description="Ingest each new file in the watched directory once and queue it for the next scheduled round.", **common))
+    return deployments
 
 
 class _Stop(Exception):
@@ -107,6 +170,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.services import PrefectServer
+    from flows.sources import announce, withdraw
     from kdops.paths import Home
     from serving.server import ServerConfig, TritonServer
 
@@ -122,25 +186,30 @@ def run_up(cfg: UpConfig, echo=print) -> None:
     plog = paths.predictions()
     if not os.environ.get("PREFECT_API_URL"):
         _check_scheduler_deps(echo)
+    eval_id = _eval_snapshot(cfg, paths)  # a bad [data] test fails here, before any server starts
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)  # a SIGTERM during start-up still cleans up
     try:
         with ExitStack() as stack:
             prefect = stack.enter_context(PrefectServer(home))
             stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.url}))
+            announce(paths, prefect_api=prefect.url, model=cfg.model, watch=cfg.watch_dir)
+            stack.callback(withdraw, paths)
             triton = stack.enter_context(TritonServer(ServerConfig(
                 repository=str(repo), url=cfg.triton_url, grpc_url=cfg.triton_grpc_url, admin_key=cfg.triton_key,
                 log_file=str(paths.triton / "tritonserver.log") if not cfg.triton_url else "")))
             # The admin key reaches the served runs (child processes) through the environment, not through
             # deployment parameters, which the Prefect API and UI show to anyone who can read them.
             os.environ["KDOPS_TRITON_ADMIN_KEY"] = triton.admin_key
-            ctx = LoopContext(home=str(home), teacher_dir=cfg.teacher_dir, tracking_uri=tracking_uri, triton_url=triton.url,
+            ctx = LoopContext(home=str(home), teacher_dir=cfg.teacher_dir, teacher_url=cfg.teacher_url,
+                              teacher_model=cfg.teacher_model, tracking_uri=tracking_uri, triton_url=triton.url,
                               triton_grpc_url=triton.grpc_url, triton_key="", repository=str(repo),
                               model=cfg.model, prediction_log=str(plog))
             champion = current_champion.fn(ctx)
             version = champion.version if champion else None
             label_names = _deploy_champion(ctx, triton, champion, echo) if champion else None
             _announce(echo, prefect, paths, ctx, triton, cfg, version)
-            _serve(build_deployments(ctx, cfg, label_names), cfg.for_seconds, echo)
+            _first_scan(ctx, cfg, echo)
+            _serve(build_deployments(ctx, cfg, label_names, eval_id), cfg.for_seconds, echo)
     except (_Stop, KeyboardInterrupt, SystemExit) as e:
         # SystemExit: the Prefect runner's own SIGTERM handler stops it and exits; the servers are already
         # stopped by the ExitStack when this runs.
@@ -159,6 +228,36 @@ def _announce(echo, prefect, paths, ctx: LoopContext, triton, cfg: UpConfig, ver
     echo(f"Triton: http://{triton.url} (gRPC {triton.grpc_url}){' attached' if cfg.triton_url else ''}; "
          f"model {cfg.model}: {'v' + str(version) if version is not None else 'no champion yet'}")
     echo(f"Prediction log: {ctx.prediction_log}; loop state: {paths.loop_state(ctx.model).parent}")
+    if cfg.watch_dir:
+        echo(f"Watching {cfg.watch_dir} every {cfg.watch_interval_s or cfg.interval_s:g} s; queue: {paths.sources}")
+    sched = cfg.retrain_schedule
+    echo("Retraining on new data: " + (f"cron {cfg.retrain_cron} (UTC)" if "cron" in sched else
+                                       f"every {cfg.retrain_interval_s:g} s" if sched else "on demand only (no schedule)"))
+
+
+def _eval_snapshot(cfg: UpConfig, paths) -> str | None:
+    """``cfg.eval_data`` as a saved snapshot (labels mapped onto the teacher's), or None."""
+    if not cfg.eval_data:
+        return None
+    from kdops.cli_common import resolve_data
+    from kdops.data import from_rows
+    from kdops.labels import align_labels
+
+    snap = resolve_data(cfg.eval_data, cfg.schema)
+    if cfg.labels:
+        snap = from_rows(align_labels(snap.rows, cfg.labels, cfg.label_map, source=cfg.eval_data), tuple(cfg.labels))
+    snap.save(paths.snapshots)
+    return snap.id
+
+
+def _first_scan(ctx: LoopContext, cfg: UpConfig, echo) -> None:
+    """Files that landed while kdops up was down are queued now, not one interval later."""
+    if not cfg.watch_dir:
+        return
+    from flows.sources import scan_watch_dir
+
+    for r in scan_watch_dir(ctx.paths, cfg.watch_dir, cfg.schema, cfg.labels, cfg.label_map):
+        echo(r.summary())
 
 
 def _serve(deployments: list, for_seconds: float | None, echo) -> None:

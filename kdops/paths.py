@@ -123,6 +123,16 @@ class Home:
         return self.root / "loop" / "reference" / model / f"v{version}"
 
     @property
+    def sources(self) -> Path:
+        """Watched-directory ingestion: files seen, snapshots queued for the next scheduled round, the last round."""
+        return self.root / "sources"
+
+    @property
+    def service(self) -> Path:
+        """What a running ``kdops up`` announces (its Prefect API, its pid), for ``kdops status``."""
+        return self.root / "up.json"
+
+    @property
     def demo(self) -> Path:
         return self.root / "demo"
 
