@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup        ## the main job: the whole loop on the shipped corpus and weights
-	.venv/bin/kdops demo --json out/demo.json
+	.venv/bin/kdops --project examples/sentiment/kdops.toml demo --json out/demo.json --report out/demo.html
 
 test: setup        ## the whole suite, real servers included (what CI runs)
 	$(PY) -m pytest -q

@@ -18,6 +18,34 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _remote_teacher(url: str, model: str):
+    from serving.teacher import TritonTeacher
+
+    return TritonTeacher(url, model)
+
+
+@app.callback()
+def root(ctx: typer.Context,
+         project: Path = typer.Option(None, "--project", envvar="KDOPS_PROJECT",
+                                      help="The project file (default: ./kdops.toml when there is one; write one with `kdops init`)."),
+         debug: bool = typer.Option(False, "--debug", help="Show the full traceback of errors that are yours to fix (normally one line).")) -> None:
+    """Every command reads the project file; flags override it."""
+    import os
+
+    from kdops.cli_common import Session
+    from kdops.project import FILENAME
+
+    if project:
+        os.environ["KDOPS_PROJECT"] = str(project.resolve())  # commands that read it outside a context see it too
+    found = project or (Path(FILENAME) if Path(FILENAME).is_file() else None)
+    if found is not None and found.is_file():
+        # A project keeps its data (snapshots, caches, registry) beside its file, wherever it is run from.
+        os.environ.setdefault("KDOPS_HOME", str(found.resolve().parent / ".kdops"))
+    ctx.obj = Session(project_file=project, remote_teacher=_remote_teacher, debug=debug)
+
+
 for command in library_app.registered_commands:
     app.registered_commands.append(command)
 for group in library_app.registered_groups:
@@ -39,51 +67,96 @@ _mount("serving.cli", "serve", "Triton Inference Server: start, deploy, hot swap
 
 @app.command("demo")
 def demo(
+    ctx: typer.Context,
     json_out: Path = typer.Option(Path("out/demo.json"), "--json", help="Write the run summary here."),
     report: Path = typer.Option(Path("out/demo.html"), help="Write the HTML report with plots here."),
     quick: bool = typer.Option(False, help="Smaller windows and epochs (smoke run)."),
 ) -> None:
     """The main job: the whole continuous-distillation loop on the shipped corpus and weights."""
     from flows.demo import run_demo
+    from kdops.cli_common import session
 
-    run_demo(json_out=json_out, report=report, quick=quick)
+    s = session(ctx)
+    run_demo(json_out=json_out, report=report, quick=quick, project=s.project if s.has_project else None)
+
+
+@app.command("round")
+def round_cmd(
+    ctx: typer.Context,
+    train: str = typer.Option(None, "--train", help="Training data (default: kdops.toml's [data] train)."),
+    test: str = typer.Option(None, "--test", help="Held-out data the gate decides on (default: kdops.toml's [data] test)."),
+    recipe: str = typer.Option(None, "--recipe", help="Named recipe (default: kdops.toml's, else the kind's first or incremental one)."),
+    serve: bool = typer.Option(False, "--serve/--no-serve", help="Also start tritonserver for the round and hot-swap a promoted student in."),
+    json_out: Path = typer.Option(None, "--json", help="Write the round's result here."),
+) -> None:
+    """One round of your project: distil (or continue the champion) -> evaluate on the test data -> gate ->
+    MLflow version -> champion. The same flow `kdops up` runs on a schedule or on drift."""
+    from flows.round import run_project_round
+    from kdops.cli_common import session, setup
+
+    setup()
+    run_project_round(session(ctx), train, test, recipe, serve, json_out, echo=typer.echo)
 
 
 @app.command("up")
 def up(
-    interval: float = typer.Option(300.0, "--interval", min=1, help="Seconds between monitor_tick runs (the kdops-monitor deployment's interval schedule)."),
-    window: float = typer.Option(3600.0, "--window", min=1, help="A monitor tick looks back at most this many seconds of the prediction log."),
-    min_rows: int = typer.Option(200, "--min-rows", min=1, help="A tick checks the traffic once this many predictions were served since the last check."),
+    ctx: typer.Context,
+    interval: float = typer.Option(None, "--interval", min=1, help="Seconds between monitor_tick runs (default: kdops.toml's [monitor] interval_s, else 300)."),
+    window: float = typer.Option(None, "--window", min=1, help="A monitor tick looks back at most this many seconds of the prediction log (default 3600)."),
+    min_rows: int = typer.Option(None, "--min-rows", min=1, help="A tick checks the traffic once this many predictions were served since the last check (default 200)."),
     teacher_dir: Path = typer.Option(None, "--teacher-dir", help="Teacher model directory for the disagreement check and retraining "
-                                     "(default: <home>/teachers/minilm-sentiment when `kdops teacher bootstrap` made it)."),
+                                     "(default: kdops.toml's [teacher], else <home>/teachers/minilm-sentiment when `kdops teacher bootstrap` made it)."),
     triton_url: str = typer.Option(None, "--triton-url", envvar="KDOPS_TRITON_URL", help="Attach to this Triton (HTTP host:port) instead of starting tritonserver."),
     triton_grpc_url: str = typer.Option(None, "--triton-grpc-url", envvar="KDOPS_TRITON_GRPC_URL", help="gRPC host:port of the attached Triton (model control)."),
     triton_admin_key: str = typer.Option(None, "--triton-admin-key", envvar="KDOPS_TRITON_ADMIN_KEY", help="Model-control key of the attached Triton."),
     repository: Path = typer.Option(None, "--repository", help="Triton model repository as seen from here (default: <home>/triton-repo)."),
-    model: str = typer.Option("kdops-student", "--model", help="Registered and served model name."),
+    model: str = typer.Option(None, "--model", help="Registered and served model name (default: kdops.toml's [serve] model, else kdops-student)."),
     for_seconds: float = typer.Option(None, "--for-seconds", min=1, help="Stop after this many seconds (tests, smoke runs); default: until Ctrl-C or SIGTERM."),
 ) -> None:
     """Run the loop as a service: Prefect API + MLflow store + Triton, serving the monitor / distill / promote / review
-    deployments. PREFECT_API_URL and MLFLOW_TRACKING_URI replace the embedded servers; see prefect.yaml to scale out."""
+    (and, with a watched directory, ingest) deployments on the project's schedules. PREFECT_API_URL and
+    MLFLOW_TRACKING_URI replace the embedded servers; see prefect.yaml to scale out."""
     import logging
 
     from flows.up import UpConfig, run_up
+    from kdops.cli_common import session
+    from kdops.errors import UserError
     from kdops.paths import home
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP call to Prefect otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    root = home()
-    default_teacher = root / "teachers" / "minilm-sentiment"
-    teacher = teacher_dir or (default_teacher if (default_teacher / "config.json").exists() else None)
+    s = session(ctx)
+    p, root = s.project, home()
     try:
-        cfg = UpConfig(home=str(root), teacher_dir=str(teacher or ""), interval_s=interval, window_s=window, min_rows=min_rows,
+        directory, url, teacher_model = s.teacher_location(teacher_dir)
+    except UserError:  # a project without a teacher still serves and monitors its champion
+        directory, url, teacher_model = None, "", ""
+    if directory is not None and not (Path(directory) / "config.json").exists():
+        directory = None  # not trained yet: no disagreement check, no retraining
+    m = p.monitor
+    try:
+        cfg = UpConfig(home=str(root), teacher_dir=str(directory or ""), teacher_url=url, teacher_model=teacher_model,
+                       interval_s=interval or m.interval_s, window_s=window or m.window_s, min_rows=min_rows or m.min_rows,
                        triton_url=triton_url or "", triton_grpc_url=triton_grpc_url or "", triton_key=triton_admin_key or "",
-                       repository=str(repository or ""), model=model, for_seconds=for_seconds)
+                       repository=str(repository or ""), model=model or p.serve.model, for_seconds=for_seconds,
+                       watch_dir=str(p.root / p.data.watch) if p.data.watch else "", schema=s.schema(),
+                       labels=tuple(p.task.labels), label_map=dict(p.task.label_map),
+                       eval_data=p.resolve(p.data.test) if p.data.test else "", kind=p.task.kind, recipe=p.student.recipe,
+                       retrain_cron=p.schedule.retrain_cron, retrain_interval_s=p.schedule.retrain_interval_s)
     except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+        raise UserError(str(e)) from e
     run_up(cfg, echo=lambda m: typer.echo(m))
+
+
+@app.command("status")
+def status(ctx: typer.Context,
+           model: str = typer.Option(None, "--model", help="Registered and served model name (default: kdops.toml's [serve] model)."),
+           json_out: str = typer.Option(None, "--json", help="Write the status as JSON to this file ('-': standard output).")) -> None:
+    """The served champion, the next scheduled runs (while `kdops up` runs), the queued snapshots and the last round."""
+    from flows.sources import status_command
+
+    status_command(ctx, model=model, json_out=json_out)
 
 
 lm_app = typer.Typer(help="Causal-LM distillation: the same flows, registry and Triton server for a language model.",
@@ -151,6 +224,40 @@ def lm_distill(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
+
+
+def _one_line_errors(group: typer.Typer) -> None:
+    """Every command, in every sub-app: a user error (``kdops.errors.UserError``) ends in one line and exit code 2;
+    ``kdops --debug`` lets it through with its traceback."""
+    import functools
+    import sys
+
+    from kdops.errors import UserError
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                import click
+
+                ctx = click.get_current_context(silent=True)
+                if getattr(ctx.find_root().obj if ctx else None, "debug", False) or "--debug" in sys.argv[1:]:
+                    raise
+                typer.secho(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+        return command
+
+    for info in group.registered_commands:
+        if info.callback is not None and not getattr(info.callback, "_one_line", False):
+            info.callback = wrap(info.callback)
+            info.callback._one_line = True
+    for sub in group.registered_groups:
+        _one_line_errors(sub.typer_instance)
+
+
+_one_line_errors(app)
 
 
 def main() -> None:

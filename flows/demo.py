@@ -113,13 +113,13 @@ def _drift_history(home, run_started: str) -> list[dict]:
             for i, h in enumerate(history)]
 
 
-def _first_round(ctx, plan: DemoPlan, tests: dict, teacher_acc: dict) -> tuple[dict, pd.DataFrame, str]:
+def _first_round(ctx, plan: DemoPlan, tests: dict, teacher_acc: dict, v1_recipe: str) -> tuple[dict, pd.DataFrame, str]:
     """Student v1 on movie reviews, gated on movie reviews only (nobody has shown it the other domains yet)."""
     from flows.loop import distill_flow
     from flows.tasks import save_snapshot
     from kdops.recipes import recipe
 
-    v1 = recipe("classifier-quick")
+    v1 = recipe(v1_recipe)
     labels = corpora.SENTIMENT_LABELS
     movie = corpora.load("sentiment", split="train", domains=("movie",), limit_per_domain=plan.v1_rows).rows
     r0 = distill_flow(ctx, save_snapshot(ctx, movie, labels), save_snapshot(ctx, tests["movie"], labels), v1)
@@ -147,8 +147,9 @@ def _shifts(ctx, load, plan: DemoPlan, tests: dict, champion: dict, teacher_acc:
     return rounds, swap_times
 
 
-def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
-    """Student v1 on movie reviews, served; traffic shifts to tweets, amazon, nyt; the loop keeps up."""
+def run_demo(json_out: Path, report: Path, quick: bool = False, project=None) -> dict:
+    """Student v1 on movie reviews, served; traffic shifts to tweets, amazon, nyt; the loop keeps up.
+    ``project`` (examples/sentiment/kdops.toml) names the teacher, the first recipe and the served model."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.monitor import monitor_tick
@@ -163,7 +164,11 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
 
     _quiet_logs()
     t_start, plan, paths = time.time(), DemoPlan.quick() if quick else DemoPlan(), Home.from_env()
-    teacher_dir = bootstrap_sentiment_teacher(TeacherTrainConfig())
+    declared = project.teacher_path if project is not None else None
+    teacher_dir = declared if declared and (declared / "config.json").is_file() else \
+        bootstrap_sentiment_teacher(TeacherTrainConfig())
+    v1_recipe = (project.student.recipe if project is not None else "") or "classifier-quick"
+    model = project.serve.model if project is not None else "kdops"
     tests = {d: corpora.load("sentiment", split="test", domains=(d,), limit_per_domain=plan.eval_per_domain).rows
              for d in corpora.SENTIMENT_DOMAINS}
     run_dir = paths.demo / time.strftime("%Y%m%d-%H%M%S")
@@ -174,10 +179,10 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
     with PrefectServer(paths.root) as prefect, temporary_settings({PREFECT_API_URL: prefect.url}), \
             TritonServer(ServerConfig(repository=str(repo), log_file=str(run_dir / "triton.log"))) as triton:
         ctx = LoopContext(home=str(paths.root), teacher_dir=str(teacher_dir), triton_url=triton.url,
-                          triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key, model=f"kdops-demo-{run_dir.name}",
+                          triton_grpc_url=triton.grpc_url, triton_key=triton.admin_key, model=f"{model}-demo-{run_dir.name}",
                           repository=str(repo), prediction_log=str(run_dir / "predictions"))
         teacher_acc = _teacher_accuracy(ctx, tests)
-        first, movie, artifact = _first_round(ctx, plan, tests, teacher_acc)
+        first, movie, artifact = _first_round(ctx, plan, tests, teacher_acc, v1_recipe)
         champion = {"version": first["version"], "artifact": artifact}
         # Steady traffic of about 40 requests/s from 8 clients: a busy service, not a saturating benchmark
         load = LoadGenerator(triton.url, ctx.model, threads=8, rate_limit_s=0.2)
@@ -190,7 +195,8 @@ def run_demo(json_out: Path, report: Path, quick: bool = False) -> dict:
         failed_all, total_all = load.failed_between(0, time.time() + 1)
         summary = {"rounds": [first, *rounds], "total_failed_requests": failed_all, "total_requests": total_all,
                    "seconds": time.time() - t_start,
-                   "links": {"MLflow UI": f".venv/bin/kdops registry ui  (store {paths.mlflow})",
+                   "links": {"MLflow UI": f".venv/bin/kdops{' --project ' + str(project.source) if project is not None else ''} registry ui"
+                                           f"  (store {paths.mlflow})",
                              "Prefect API/UI": prefect.url.removesuffix("/api") + " (while running)",
                              "Triton": f"http://{triton.url}/v2/models/{ctx.model}",
                              "drift reports": str(paths.monitoring / "reports"), "run dir": str(run_dir)}}

@@ -85,6 +85,7 @@ def rollback(reason: str = typer.Option(..., "--reason", "-r", help="Why (record
              triton_url: str = TritonUrl, triton_grpc_url: str = TritonGrpc, triton_admin_key: str = TritonKey,
              repository: Path = Repository, prediction_log: Path = PredictionLog) -> None:
     """Put the previous champion back: the `champion` alias and what Triton serves, or neither."""
+    name = name or registry_cli._project_model()
     from flows.promotion import rollback as roll_back
 
     ctx = _context(name, tracking_uri, triton_url, triton_grpc_url, triton_admin_key, repository, prediction_log)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import subprocess
 from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kdops.errors import UserError
+from kdops.kind import Kind  # noqa: F401  (re-exported: artifacts carry their kind)
 from kdops.paths import atomic_dir
 from kdops.student import StudentConfig, StudentModel
 
@@ -34,15 +35,8 @@ WEIGHTS, CONFIG, META = "model.safetensors", "student_config.json", "kdops.json"
 SCHEMA = 2
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError):
     """A model artifact that is missing, incomplete or corrupt."""
-
-
-class Kind(str, Enum):
-    """The task kinds kdops distils. ``kdops.kinds`` maps each to its implementation."""
-
-    CLASSIFIER = "classifier"
-    CAUSAL_LM = "causal-lm"
 
 
 @lru_cache(maxsize=1)

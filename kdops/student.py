@@ -203,7 +203,7 @@ def from_teacher(
         hidden_size=H,
         num_layers=len(layers),
         num_heads=tcfg.num_attention_heads,
-        intermediate_size=intermediate_size or ffn,
+        intermediate_size=min(intermediate_size or ffn, ffn),  # more neurons than the teacher has cannot be carved
         embedding_size=embedding_size if embedding_size and embedding_size < H else None,
         max_position=tcfg.max_position_embeddings,
         pad_token_id=tcfg.pad_token_id or 0,

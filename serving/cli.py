@@ -129,6 +129,24 @@ def status_cmd(repository: Path = RepoOption, model: str = ModelOption, url: str
 
 
 
+@app.command("classify")
+def classify_cmd(ctx: typer.Context, texts: list[str] = typer.Argument(..., help="One or more texts."),
+                 model: str = typer.Option(None, "--model", "-m", help="Served model name (default: kdops.toml's [serve] model)."),
+                 url: str = UrlOption) -> None:
+    """Ask a served classifier (a student or a teacher) for labels; prints a JSON line per text with the label,
+    its score (probability for a student) and the model version that answered."""
+    from kdops.cli_common import session
+
+    model = model or session(ctx).project.serve.model
+    client = _client(url, None, None)
+    try:
+        out = client.infer(model, list(texts))
+    except Exception as e:
+        _fail(e)
+    for text, label, probs, version in zip(texts, out.labels, out.probabilities, out.versions):
+        typer.echo(json.dumps({"text": text, "label": label, "score": round(float(probs.max()), 4), "model_version": version}))
+
+
 @app.command("generate")
 def generate_cmd(prompts: list[str] = typer.Argument(..., help="One or more prompts."), model: str = ModelOption,
                  url: str = UrlOption, grpc_url: str = GrpcOption,

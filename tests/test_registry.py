@@ -7,6 +7,7 @@ Each test uses its own registered-model name so the tests stay independent withi
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -299,5 +300,6 @@ def test_cli_reads_the_same_store(reg, tracking, variants):
     assert cli.invoke(app, ["rollback", *common, "--reason", "again"]).exit_code == 1
     out = cli.invoke(app, ["ui", "--tracking-uri", reg.tracking_uri, "--port", "5123", "--dry-run"])
     assert out.exit_code == 0 and "mlflow server --backend-store-uri sqlite:///" in out.output and "5123" in out.output
-    helps = [o.help for c in app.registered_commands for o in c.callback.__defaults__ if hasattr(o, "help")]
+    helps = [p.default.help for c in app.registered_commands
+             for p in inspect.signature(c.callback).parameters.values() if hasattr(p.default, "help")]
     assert helps and all(helps)

@@ -14,7 +14,20 @@ import typer
 app = typer.Typer(help="MLflow registry: versions, champion, promotion ledger, rollback, UI.", no_args_is_help=True)
 registry_app = app  # the name the other sub-apps use (review_app)
 
-NameOption = typer.Option("kdops-student", "--name", "-n", help="Registered model name.")
+def _project_model() -> str:
+    """The project's served model name ([serve] model in kdops.toml), else kdops-student."""
+    import os
+
+    from kdops.project import ProjectError, find
+
+    try:
+        p = find(os.environ.get("KDOPS_PROJECT") or None)
+    except ProjectError:
+        p = None
+    return p.serve.model if p is not None else "kdops-student"
+
+
+NameOption = typer.Option(None, "--name", "-n", help="Registered model name (default: kdops.toml's [serve] model, else kdops-student).")
 UriOption = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                          help="MLflow tracking URI; default the embedded store $KDOPS_HOME/mlflow/mlflow.db.")
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
@@ -35,6 +48,7 @@ def _fail(e: Exception) -> None:
 @app.command("versions")
 def versions(name: str = NameOption, tracking_uri: str = UriOption, as_json: bool = JsonOption) -> None:
     """List the registered versions with their aliases, state and lineage."""
+    name = name or _project_model()
     rows = _registry(tracking_uri).versions(name)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
@@ -51,6 +65,7 @@ def versions(name: str = NameOption, tracking_uri: str = UriOption, as_json: boo
 @app.command("champion")
 def champion(name: str = NameOption, tracking_uri: str = UriOption, as_json: bool = JsonOption) -> None:
     """Show the current champion (and challenger) version with its lineage."""
+    name = name or _project_model()
     reg = _registry(tracking_uri)
     champ, chall = reg.champion(name), reg.challenger(name)
     if as_json:
@@ -69,6 +84,7 @@ def champion(name: str = NameOption, tracking_uri: str = UriOption, as_json: boo
 def ledger(name: str = NameOption, tracking_uri: str = UriOption, as_json: bool = JsonOption,
            last: int = typer.Option(0, "--last", help="Show only the last N entries (0: all).")) -> None:
     """Print the promotion ledger (promote / rollback / reject / review), oldest first."""
+    name = name or _project_model()
     entries = _registry(tracking_uri).ledger(name)
     entries = entries[-last:] if last else entries
     if as_json:
@@ -88,6 +104,7 @@ def rollback(reason: str = typer.Option(..., "--reason", "-r", help="Why (record
              to_version: int = typer.Option(None, "--to", help="Version to restore; default the one the "
                                             "current champion replaced.")) -> None:
     """Move the champion alias back (registry only: the served model is unchanged)."""
+    name = name or _project_model()
     from kdops.registry import RegistryError
 
     try:
