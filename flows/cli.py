@@ -154,7 +154,7 @@ def status(ctx: typer.Context,
            model: str = typer.Option(None, "--model", help="Registered and served model name (default: kdops.toml's [serve] model)."),
            json_out: str = typer.Option(None, "--json", help="Write the status as JSON to this file ('-': standard output).")) -> None:
     """The served champion, the next scheduled runs (while `kdops up` runs), the queued snapshots and the last round."""
-    from flows.sources import status_command
+    from flows.status import status_command
 
     status_command(ctx, model=model, json_out=json_out)
 

@@ -34,9 +34,10 @@ def run_project_round(session, train: str | None, test: str | None, recipe_name:
     train_spec, test_spec = train or p.data.train, test or p.data.test
     if not test_spec:
         raise UserError("no test data to gate the round on: pass --test or set [data] test in kdops.toml.")
-    tr = session.aligned(session.data(train_spec, what="train"), teacher.label_names, train_spec)
-    te = session.aligned(session.data(test_spec, what="test"), teacher.label_names, test_spec)
-    labels = tuple(teacher.label_names)
+    labels = getattr(teacher, "label_names", None)
+    tr = session.aligned(session.data(train_spec, what="train"), labels, train_spec)
+    te = session.aligned(session.data(test_spec, what="test"), labels, test_spec)
+    labels = tuple(labels) if labels else None
     paths = Home.from_env()
     paths.mlflow.mkdir(parents=True, exist_ok=True)
     _quiet_logs()

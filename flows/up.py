@@ -170,7 +170,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.services import PrefectServer
-    from flows.sources import announce, withdraw
+    from flows.status import announce, withdraw
     from kdops.paths import Home
     from serving.server import ServerConfig, TritonServer
 
@@ -254,7 +254,7 @@ def _first_scan(ctx: LoopContext, cfg: UpConfig, echo) -> None:
     """Files that landed while kdops up was down are queued now, not one interval later."""
     if not cfg.watch_dir:
         return
-    from flows.sources import scan_watch_dir
+    from kdops.sources import scan_watch_dir
 
     for r in scan_watch_dir(ctx.paths, cfg.watch_dir, cfg.schema, cfg.labels, cfg.label_map):
         echo(r.summary())

@@ -85,19 +85,20 @@ class Session:
                 device: str = "cpu"):
         """Open the teacher; its labels must be the ones the project declares."""
         directory, url, model = self.teacher_location(teacher_dir, url, model)
-        if url:
+        if not url and not (Path(directory) / "config.json").is_file():
+            how = ("run `kdops teacher train`" if self.has_project else "run `kdops teacher bootstrap` or pass --teacher-dir")
+            raise UserError(f"no teacher model at {directory}: {how}.")
+        from kdops import kinds
+
+        def remote(spec):
             if self.remote_teacher is None:
                 raise UserError("a Triton teacher needs the full `kdops` command (serving/ opens it).")
-            teacher = self.remote_teacher(url, model)
-        else:
-            if not (Path(directory) / "config.json").is_file():
-                how = ("run `kdops teacher train`" if self.has_project else "run `kdops teacher bootstrap` or pass --teacher-dir")
-                raise UserError(f"no teacher model at {directory}: {how}.")
-            from kdops.teacher import HFTeacher
+            return self.remote_teacher(spec.url, spec.model)
 
-            teacher = HFTeacher(directory, device=device)
+        spec = kinds.TeacherSpec(path=str(directory or ""), url=url, model=model)
+        teacher = kinds.get(self.project.kind).load_teacher(spec, device=device, remote=remote)
         declared = list(self.project.task.labels)
-        if declared and declared != list(teacher.label_names):
+        if declared and hasattr(teacher, "label_names") and declared != list(teacher.label_names):
             raise LabelMismatch(f"the teacher {directory or url + '/' + model} has labels {list(teacher.label_names)} but "
                                 f"kdops.toml declares {declared}; retrain it with `kdops teacher train` or fix [task] labels.")
         return teacher
@@ -106,6 +107,8 @@ class Session:
         """The snapshot's rows with labels mapped onto the teacher's; LabelMismatch if they cannot be."""
         from kdops.labels import align_labels
 
+        if teacher_labels is None:  # a causal LM has no labels: its data is text alone
+            return snap.rows
         return align_labels(snap.rows, teacher_labels, self.project.task.label_map, source=source)
 
 

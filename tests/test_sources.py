@@ -1,4 +1,4 @@
-"""New data and schedules (flows/sources.py): the watched directory ingests each file once, the queue drains only
+"""New data and schedules (kdops/sources.py, flows/sources.py, flows/status.py): the watched directory ingests each file once, the queue drains only
 after a finished round, ``kdops status`` shows the queue and, with a real Prefect API, the next scheduled runs."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from flows.sources import DataQueue, drain_queue, format_status, scan_watch_dir, status
+from flows.sources import drain_queue
+from flows.status import format_status, status
+from kdops.sources import DataQueue, scan_watch_dir
 from kdops.data import DataSchema
 from kdops.paths import Home
 
@@ -147,7 +149,7 @@ def test_status_command_json(tmp_path, kdops_home, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from flows.sources import status_command
+    from flows.status import status_command
 
     monkeypatch.chdir(tmp_path)  # no kdops.toml here
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
