@@ -119,3 +119,13 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, user_c
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
     assert "no rows" in one_line_error(kdops("data", "ingest", str(empty), cwd=tmp_path, home=home))
+
+
+def test_shipped_example_projects_load_and_match_their_corpora():
+    from kdops import corpora
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    sentiment, questions = Project.load(root / "sentiment/kdops.toml"), Project.load(root / "questions/kdops.toml")
+    assert sentiment.task.labels == corpora.SENTIMENT_LABELS and questions.task.labels == corpora.QUESTION_LABELS
+    assert sentiment.teacher_path == root / "sentiment/.kdops/teachers/minilm-sentiment"  # where `make demo` bootstraps it
+    assert questions.resolve(questions.data.train) == "corpus:questions:train" and questions.serve.model == "kdops-questions"
