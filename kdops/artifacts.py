@@ -14,7 +14,6 @@ What differs between kinds (how weights become a model) lives in ``kdops.kinds``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from kdops.errors import UserError
 from kdops.kind import Kind  # noqa: F401  (re-exported: artifacts carry their kind)
-from kdops.paths import atomic_dir
+from kdops.paths import atomic_dir, file_sha256  # noqa: F401  (file_sha256 re-exported)
 from kdops.student import StudentConfig, StudentModel
 
 WEIGHTS, CONFIG, META = "model.safetensors", "student_config.json", "kdops.json"
@@ -147,14 +146,6 @@ class Artifact:
 
 def read_artifact(directory: str | Path) -> Artifact:
     return Artifact.read(directory)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_artifact(directory: str | Path, kind: Kind, lineage: Lineage, label_names=(), max_length: int = 0,

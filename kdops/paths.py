@@ -156,6 +156,17 @@ def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
     return path
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (model weights and data files can be large)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_json(path: str | Path, default=None):
     """A JSON file's value, or ``default`` when the file does not exist."""
     path = Path(path)

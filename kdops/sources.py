@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kdops.data import DataSchema
-from kdops.paths import Home, atomic_write, read_json
+from kdops.paths import Home, atomic_write, file_sha256, read_json
 
 log = logging.getLogger("kdops.sources")
 
@@ -167,14 +166,6 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def one_line(e: BaseException) -> str:
     """An error as one line: a user error's message, else its type and first line."""
     from kdops.errors import UserError
@@ -228,7 +219,7 @@ def scan_watch_dir(home: Home, watch_dir: str | Path, schema: DataSchema, labels
                 seen = queue.files.get(key)
                 if seen and (seen.size, seen.mtime_ns) == (st.st_size, st.st_mtime_ns):
                     continue
-                sha = _sha256(path)
+                sha = file_sha256(path)
             except OSError as e:  # vanished or unreadable between listing and reading: the next scan tries again
                 log.warning("%s: %s; trying again next scan", key, e)
                 continue
