@@ -3,24 +3,38 @@
 Users bring CSV, JSONL or Parquet with a text column, an optional label column and optional ``id``,
 ``domain`` and ``timestamp`` columns. Every row either lands in the snapshot or in a quarantine file
 with the reason: no row disappears silently, and a file that is entirely bad is an error.
+
+Files of any size are read, validated and written ``CHUNK_ROWS`` rows at a time (CSV and JSONL line by
+line, Parquet by record batches), so memory does not grow with the file: duplicates are found across the
+whole file, and the snapshot of a file bigger than one chunk stays on disk until a caller reads ``rows``.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
+import math
+import os
+import re
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import pandas as pd
+
+from kdops.errors import UserError
 
 # Canonical column names inside kdops, whatever the user's file calls them.
 COLUMNS = ("id", "text", "label", "domain", "timestamp")
+CHUNK_ROWS = 50_000  # rows read, validated and written at a time: bounds ingest memory whatever the file size
+RAW_CHARS = 1_000  # how much of a CSV record too long to parse its quarantine record keeps
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data that cannot be used, with a message that says what to fix."""
 
 
@@ -52,29 +66,62 @@ class DataSchema:
             raise ValueError(f"labels must be unique, got {self.labels}.")
 
 
-@dataclass
 class Snapshot:
-    """A validated, immutable table of rows named by the hash of its content and schema."""
+    """A validated, immutable table of rows named by the hash of its content and schema.
 
-    id: str
-    rows: pd.DataFrame  # columns: COLUMNS; label/domain/timestamp may be None
-    labels: tuple[str, ...] | None
+    ``rows`` (columns ``COLUMNS``; label/domain/timestamp may be missing) is in memory when the snapshot was
+    built from a DataFrame. A snapshot from ``Snapshot.load``, or ingested from a file bigger than one chunk,
+    holds only its parquet ``path`` and reads the rows on first access to ``rows`` (``texts`` reads only
+    the text column), so a multi-GB snapshot costs memory only when a caller asks for it.
+    """
+
+    def __init__(self, id: str, rows: pd.DataFrame | None = None, labels: tuple[str, ...] | None = None,
+                 *, path: Path | None = None, length: int | None = None):
+        if rows is None and path is None:
+            raise ValueError("A Snapshot needs its rows or the path of its parquet file.")
+        self.id, self.labels, self.path = id, labels, Path(path) if path is not None else None
+        self._rows = rows
+        self._length = length
+
+    def __repr__(self) -> str:
+        return f"Snapshot(id={self.id!r}, rows={len(self)}, labels={self.labels!r})"
 
     def __len__(self) -> int:
-        return len(self.rows)
+        if self._rows is not None:
+            return len(self._rows)
+        if self._length is None:
+            import pyarrow.parquet as pq
+
+            self._length = pq.ParquetFile(self.path).metadata.num_rows
+        return self._length
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        if self._rows is None:
+            self._rows = pd.read_parquet(self.path)
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: pd.DataFrame) -> None:
+        self._rows, self._length = value, None
 
     @property
     def texts(self) -> list[str]:
-        return self.rows["text"].tolist()
+        if self._rows is None:
+            return pd.read_parquet(self.path, columns=["text"])["text"].tolist()
+        return self._rows["text"].tolist()
 
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.id}.parquet"
         if not path.exists():
             tmp = path.with_suffix(".tmp")
-            self.rows.to_parquet(tmp, index=False)
-            tmp.replace(path)  # atomic: a crash never leaves half a snapshot under its id
+            if self._rows is not None:
+                self._rows.to_parquet(tmp, index=False)
+            else:
+                shutil.copyfile(self.path, tmp)
             (directory / f"{self.id}.json").write_text(json.dumps({"labels": self.labels, "rows": len(self)}))
+            tmp.replace(path)  # atomic, and after the metadata: a snapshot under its id is always whole
         return path
 
     @classmethod
@@ -84,7 +131,7 @@ class Snapshot:
             raise DataError(f"No snapshot {snapshot_id} in {directory}.")
         meta = json.loads((directory / f"{snapshot_id}.json").read_text())
         labels = tuple(meta["labels"]) if meta["labels"] is not None else None
-        return cls(id=snapshot_id, rows=pd.read_parquet(path), labels=labels)
+        return cls(snapshot_id, labels=labels, path=path, length=meta.get("rows"))
 
 
 @dataclass
@@ -110,11 +157,14 @@ class IngestReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading: every format yields (DataFrame of raw rows, DataFrame of unreadable lines with reasons)
+# Reading: every format yields chunks of (raw rows, their line numbers, unreadable lines with reasons).
+# A line number is the file line a record starts on (header = line 1); for Parquet, the 1-based row.
+
+Chunk = tuple[pd.DataFrame, list[int], list[dict]]
 
 
-def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[dict]]:
-    records, bad = [], []
+def _jsonl_chunks(path: Path, chunk_rows: int) -> Iterator[Chunk]:
+    records, lines, bad = [], [], []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -123,68 +173,234 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[dict]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad.append({"line": lineno, "raw": raw.decode("utf-8", "replace"), "reason": f"undecodable bytes ({e.reason})"})
-                continue
+            else:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    bad.append({"line": lineno, "raw": line.rstrip("\n"), "reason": f"malformed JSON ({e.msg})"})
+                else:
+                    if isinstance(obj, dict):
+                        records.append(obj)
+                        lines.append(lineno)
+                    else:
+                        bad.append({"line": lineno, "raw": line.rstrip("\n"), "reason": "JSON line is not an object"})
+            if len(records) >= chunk_rows or len(bad) >= chunk_rows:
+                # dtype=object: the same values whatever else the chunk holds (inferring per chunk would turn
+                # the ints of a column with gaps into floats in one chunk and not in the next).
+                yield pd.DataFrame(records, dtype=object), lines, bad
+                records, lines, bad = [], [], []
+    if records or bad:
+        yield pd.DataFrame(records, dtype=object), lines, bad
+
+
+class _Lines:
+    """The decoded lines of a CSV file, fed to ``csv.reader`` one at a time. Lines that are not UTF-8 are set
+    aside in ``bad``; ``first`` is the line number the current record starts on, ``record`` its lines."""
+
+    def __init__(self, fh, path: Path):
+        self.fh, self.path, self.lineno, self.first = fh, path, 0, 0
+        self.record: list[str] | None = []
+        self.bad: list[dict] = []
+
+    def begin(self) -> None:
+        self.first, self.record = 0, []
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        for raw in self.fh:
+            self.lineno += 1
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append({"line": lineno, "raw": line.rstrip("\n"), "reason": f"malformed JSON ({e.msg})"})
+                # utf-8-sig on line 1: a spreadsheet's byte-order mark is not part of the first column's name.
+                line = raw.decode("utf-8-sig" if self.lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                # The header must decode; a data line that does not is quarantined, not guessed at.
+                if self.lineno == 1:
+                    raise DataError(f"{self.path}: the header line is not valid UTF-8 ({e.reason}).") from e
+                self.bad.append({"line": self.lineno, "raw": raw.decode("utf-8", "replace"),
+                                 "reason": f"undecodable bytes ({e.reason})"})
                 continue
-            if not isinstance(obj, dict):
-                bad.append({"line": lineno, "raw": line.rstrip("\n"), "reason": "JSON line is not an object"})
-                continue
-            obj["_line"] = lineno
-            records.append(obj)
-    return pd.DataFrame.from_records(records), bad
+            if not self.first:
+                self.first = self.lineno
+            if self.record is not None:
+                self.record.append(line)
+            return line
+        raise StopIteration
 
 
-def _read_csv(path: Path) -> tuple[pd.DataFrame, list[dict]]:
-    raw = path.read_bytes()
-    bad: list[dict] = []
-    lines = raw.split(b"\n")
-    good_lines = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            good_lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            # The header must decode; a data line that does not is quarantined, not guessed at.
-            if lineno == 1:
-                raise DataError(f"{path}: the header line is not valid UTF-8 ({e.reason}).") from e
-            bad.append({"line": lineno, "raw": line.decode("utf-8", "replace"), "reason": f"undecodable bytes ({e.reason})"})
+_START, _FIELD, _QUOTED, _QUOTE = range(4)
+
+
+class _RecordScan:
+    """Re-reads one CSV record in Python after ``csv.Error``: where it ends (a quoted field may span lines,
+    and the C reader, restarted, would read its rest as new rows) and which field first ran over ``limit``.
+    Follows the states of csv's excel dialects: ``"`` opens a field, ``""`` escapes, ``strict=False``."""
+
+    def __init__(self, delimiter: str, limit: int):
+        self.special = re.compile(f"[{re.escape(delimiter)}\r\n]")
+        self.delimiter, self.limit = delimiter, limit
+        self.state, self.field, self.length = _START, 0, 0
+        self.too_long: int | None = None
+        self.ended = False
+
+    def _grow(self, n: int) -> None:
+        self.length += n
+        if self.too_long is None and self.length > self.limit:
+            self.too_long = self.field
+
+    def feed(self, line: str) -> None:
+        i, n = 0, len(line)
+        while i < n and not self.ended:
+            if self.state == _QUOTED:
+                j = line.find('"', i)
+                if j < 0:
+                    self._grow(n - i)
+                    return
+                self._grow(j - i)
+                self.state, i = _QUOTE, j + 1
+                continue
+            c = line[i]
+            if self.state == _QUOTE:
+                if c == '"':
+                    self._grow(1)
+                    self.state, i = _QUOTED, i + 1
+                    continue
+                self.state = _FIELD  # the quote closed the field; what follows it joins the field
+            elif self.state == _START and c == '"':
+                self.state, i = _QUOTED, i + 1
+                continue
+            if c == self.delimiter:
+                self.state, self.field, self.length, i = _START, self.field + 1, 0, i + 1
+            elif c in "\r\n":
+                self.ended = True
+            else:
+                m = self.special.search(line, i)
+                j = m.start() if m else n
+                self._grow(j - i)
+                self.state, i = _FIELD, j
+
+
+def _csv_chunks(path: Path, chunk_rows: int, text_column: str | None = None,
+                field_limit: int = 0) -> Iterator[Chunk]:
     # csv.reader, not pandas: pandas turns surplus fields into an index instead of flagging the row.
-    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+    dialect = csv.get_dialect("excel-tab" if path.suffix.lower() == ".tsv" else "excel")
+    if field_limit > csv.field_size_limit():
+        csv.field_size_limit(field_limit)  # process-wide; raising it only lets longer fields parse
+    limit = csv.field_size_limit()
+    with open(path, "rb") as fh:
+        lines = _Lines(fh, path)
+        reader = csv.reader(lines, dialect)
+        header: list[str] | None = None
+        rows: list[list[str]] = []
+        nums: list[int] = []
+        while True:
+            lines.begin()
+            try:
+                r = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                if header is None:
+                    raise DataError(f"{path}: the header line cannot be parsed as CSV ({e}).") from e
+                lines.bad.append(_skip_record(lines, dialect.delimiter, limit, header, text_column, e))
+                continue
+            if not r:
+                continue
+            if header is None:
+                header = r
+            elif len(r) != len(header):
+                lines.bad.append({"line": lines.first, "raw": ",".join(r),
+                                  "reason": f"malformed CSV row ({len(r)} fields, header has {len(header)})"})
+            else:
+                rows.append(r)
+                nums.append(lines.first)
+            if len(rows) >= chunk_rows or len(lines.bad) >= chunk_rows:
+                yield pd.DataFrame(rows, columns=header, dtype=object), nums, lines.bad
+                rows, nums, lines.bad = [], [], []
+        if header is None:
+            raise DataError(f"{path}: the file is empty.")
+        if rows or lines.bad:
+            yield pd.DataFrame(rows, columns=header, dtype=object), nums, lines.bad
+
+
+def _skip_record(lines: _Lines, delimiter: str, limit: int, header: list[str], text_column: str | None,
+                 error: csv.Error) -> dict:
+    """Step over the record ``csv.reader`` gave up on and say why, naming the column that is too long."""
+    scan = _RecordScan(delimiter, limit)
+    record, lines.record = lines.record or [], None  # stop keeping lines: the rest of this record may be huge
+    for line in record:
+        scan.feed(line)
+    raw = "".join(record)[: RAW_CHARS + 2].rstrip("\r\n")
+    raw = raw[:RAW_CHARS] + ("…" if len(raw) > RAW_CHARS else "")
+    while not scan.ended:
+        line = next(lines, None)
+        if line is None:
+            break
+        scan.feed(line)
+    where = {"line": lines.first, "end_line": lines.lineno}  # an unclosed quote can swallow many lines
+    if "field larger than field limit" not in str(error):
+        return where | {"raw": raw, "reason": f"malformed CSV row ({error})"}
+    column = header[scan.too_long] if scan.too_long is not None and scan.too_long < len(header) else None
+    if column is not None and column == text_column:
+        reason = f"text too long (over {limit} characters)"
+    elif column is not None:
+        reason = f"field too long (column {column!r} over {limit} characters)"
+    else:
+        reason = f"field too long (over {limit} characters)"
+    return where | {"raw": raw, "reason": reason}
+
+
+def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[Chunk]:
+    import pyarrow.parquet as pq
+
     try:
-        records = list(csv.reader(io.StringIO("\n".join(good_lines)), dialect=dialect))
-    except csv.Error as e:
-        raise DataError(f"{path}: not a readable CSV file ({e}).") from e
-    records = [r for r in records if r]
-    if not records:
-        raise DataError(f"{path}: the file is empty.")
-    header, rows = records[0], []
-    for i, r in enumerate(records[1:], start=2):
-        if len(r) != len(header):
-            bad.append({"line": i, "raw": ",".join(r), "reason": f"malformed CSV row ({len(r)} fields, header has {len(header)})"})
-        else:
-            rows.append(r)
-    return pd.DataFrame(rows, columns=header, dtype=object), bad
+        pf = pq.ParquetFile(path)
+        start = 0
+        for batch in pf.iter_batches(batch_size=chunk_rows):
+            # integer_object_nulls: an int column with gaps keeps its ints (not floats) in every batch.
+            df = batch.to_pandas(integer_object_nulls=True)
+            df = df.drop(columns=[c for c in df.columns if re.fullmatch(r"__index_level_\d+__", str(c))])
+            yield df, list(range(start + 1, start + 1 + len(df))), []
+            start += len(df)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a readable Parquet file ({e}).") from e
 
 
-def read_table(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:
-    """Read a CSV, JSONL or Parquet file into raw rows plus the lines that could not be read."""
-    path = Path(path)
+def _format(path: Path) -> str:
     if not path.exists():
         raise DataError(f"{path}: no such file.")
     suffix = "".join(path.suffixes[-1:]).lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        df, bad = _read_jsonl(path)
-    elif suffix in (".csv", ".tsv"):
-        df, bad = _read_csv(path)
-    elif suffix in (".parquet", ".pq"):
-        try:
-            df, bad = pd.read_parquet(path), []
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise DataError(f"{path}: not a readable Parquet file ({e}).") from e
-    else:
-        raise DataError(f"{path}: unsupported format {suffix!r}; use .csv, .jsonl or .parquet.")
+    formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv",
+               ".parquet": "parquet", ".pq": "parquet"}
+    if suffix in formats:
+        return formats[suffix]
+    raise DataError(f"{path}: unsupported format {suffix!r}; use .csv, .jsonl or .parquet.")
+
+
+def _chunks(path: Path, chunk_rows: int = CHUNK_ROWS, text_column: str | None = None,
+            field_limit: int = 0) -> Iterator[Chunk]:
+    fmt = _format(path)
+    if fmt == "jsonl":
+        return _jsonl_chunks(path, chunk_rows)
+    if fmt == "csv":
+        return _csv_chunks(path, chunk_rows, text_column, field_limit)
+    return _parquet_chunks(path, chunk_rows)
+
+
+def read_table(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:
+    """Read a whole CSV, JSONL or Parquet file into raw rows plus the lines that could not be read
+    (``ingest`` reads in chunks instead; this is for files that fit in memory)."""
+    path = Path(path)
+    frames, bad, jsonl = [], [], _format(path) == "jsonl"
+    for df, lines, b in _chunks(path):
+        if jsonl:
+            df = df.assign(_line=lines)
+        frames.append(df)
+        bad += b
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if df.empty and not bad:
         raise DataError(f"{path}: the file has no rows.")
     return df, bad
@@ -198,14 +414,73 @@ def _content_id(text: str, label: str | None, domain: str | None) -> str:
     return hashlib.sha256(json.dumps([text, label, domain]).encode()).hexdigest()[:16]
 
 
+def _cell(v) -> str | None:
+    return v if type(v) is str else (None if pd.isna(v) else str(v))  # str first: the common case, and fast
+
+
+class _RowHash:
+    """The snapshot id, fed a chunk of rows at a time: ``snapshot_id`` of all the rows fed, in order."""
+
+    def __init__(self, labels: tuple[str, ...] | None):
+        self.h = hashlib.sha256(json.dumps({"columns": list(COLUMNS), "labels": labels}).encode())
+
+    def update(self, rows: pd.DataFrame) -> None:
+        cols = [rows[c].tolist() for c in COLUMNS]
+        self.h.update("".join(json.dumps([_cell(v) for v in row]) + "\n" for row in zip(*cols)).encode())
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()[:16]
+
+
 def snapshot_id(rows: pd.DataFrame, labels: tuple[str, ...] | None) -> str:
     """A content address: the same rows in the same order with the same label set get the same id."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"columns": list(COLUMNS), "labels": labels}).encode())
-    for row in rows[list(COLUMNS)].itertuples(index=False):
-        h.update(json.dumps([None if pd.isna(v) else str(v) for v in row]).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+    h = _RowHash(labels)
+    h.update(rows)
+    return h.hexdigest()
+
+
+class _SeenIds:
+    """Ids met in earlier chunks, as sorted runs of uint64 (8 bytes an id, against ~100 for a set of str).
+    A content id is 16 hex digits, so exact; a user's id is hashed to 64 bits (a false duplicate in n ids
+    has a chance of about n² / 2^65: 1 in 160,000 at 15 million rows)."""
+
+    def __init__(self, hashed: bool):
+        self.hashed = hashed
+        self.runs: list[np.ndarray] = []
+
+    def keys(self, ids: list[str]) -> np.ndarray:
+        if self.hashed:
+            # A missing id (pandas 3 keeps NaN through astype(str)) hashes bytes no str encodes to: 0xff.
+            return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode() if isinstance(i, str) else b"\xff",
+                                                               digest_size=8).digest(), "big") for i in ids),
+                               dtype=np.uint64, count=len(ids))
+        return np.fromiter((int(i, 16) for i in ids), dtype=np.uint64, count=len(ids))
+
+    def seen_then_add(self, keys: np.ndarray) -> np.ndarray:
+        seen = np.zeros(len(keys), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, keys), len(run) - 1)
+            seen |= run[at] == keys
+        if len(keys):
+            self.runs.append(np.unique(keys))
+        # Merge while the last run is not much smaller than the one before: O(log n) runs and merges per id.
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            b, a = self.runs.pop(), self.runs.pop()
+            self.runs.append(np.union1d(a, b))
+        return seen
+
+
+def _check_columns(columns, schema: DataSchema, source: str) -> None:
+    missing = [c for c in (schema.text_column,) if c not in columns]
+    if schema.require_labels and schema.label_column and schema.label_column not in columns:
+        missing.append(schema.label_column)
+    if schema.id_column and schema.id_column not in columns:
+        missing.append(schema.id_column)
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {missing}; found {sorted(map(str, columns))}. "
+            "Set the column names with --text-column / --label-column / --id-column."
+        )
 
 
 def validate(df: pd.DataFrame, schema: DataSchema, source: str = "<table>") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -213,16 +488,24 @@ def validate(df: pd.DataFrame, schema: DataSchema, source: str = "<table>") -> t
 
     Raises DataError when the table cannot be used at all (a required column is missing).
     """
-    missing = [c for c in (schema.text_column,) if c not in df.columns]
-    if schema.require_labels and schema.label_column and schema.label_column not in df.columns:
-        missing.append(schema.label_column)
-    if schema.id_column and schema.id_column not in df.columns:
-        missing.append(schema.id_column)
-    if missing:
-        raise DataError(
-            f"{source}: missing column(s) {missing}; found {sorted(map(str, df.columns))}. "
-            "Set the column names with --text-column / --label-column / --id-column."
-        )
+    _check_columns(df.columns, schema, source)
+    kept, quarantined, _ = _split(df, schema)
+    return kept, quarantined
+
+
+def _missing_marks(present: tuple[bool, bool]) -> tuple[float | None, float | None]:
+    """What a missing label and a missing domain are in a content id. pandas 3 (``future.infer_string``)
+    stores None as NaN in a column that also holds strings, so the ids of a file with some labels (domains)
+    hash NaN for a missing one, and those of a file with none hash null; kept so that a file ingested again,
+    whole or in chunks, gets the same snapshot id as before."""
+    nan = math.nan if pd.get_option("future.infer_string") else None
+    return tuple(nan if p else None for p in present)
+
+
+def _split(df: pd.DataFrame, schema: DataSchema, seen: _SeenIds | None = None, marks: tuple | None = None
+           ) -> tuple[pd.DataFrame, pd.DataFrame, tuple[bool, bool]]:
+    """``validate`` without the column check, plus whether any row has a label and any a domain. For the
+    chunks of one file: ``seen`` carries the ids met so far, ``marks`` the file's ``_missing_marks``."""
 
     def col(name: str | None) -> pd.Series:
         if name and name in df.columns:
@@ -259,62 +542,243 @@ def validate(df: pd.DataFrame, schema: DataSchema, source: str = "<table>") -> t
         flag(label.notna() & ~label.isin(schema.labels), f"label not in {list(schema.labels)}")
     for c in ("domain", "timestamp"):
         out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+    present = (bool(label.notna().any()), bool(out["domain"].notna().any()))
 
     if schema.id_column:
         ids = df[schema.id_column].astype(str)
     else:
+        marks = marks or _missing_marks(present)
         ids = pd.Series(
-            [_content_id(t, lab, d) for t, lab, d in zip(text, label, out["domain"])], index=df.index
+            [_content_id(t, lab if isinstance(lab, str) else marks[0], d if isinstance(d, str) else marks[1])
+             for t, lab, d in zip(text.tolist(), label.tolist(), out["domain"].tolist())],
+            index=df.index,
         )
     out.insert(0, "id", ids)
-    dup = ids.duplicated(keep="first") & reasons.isna()
+    dup = ids.duplicated(keep="first")
+    if seen is not None:
+        dup |= pd.Series(seen.seen_then_add(seen.keys(ids.tolist())), index=df.index)
     flag(dup, "duplicate id" if schema.id_column else "duplicate row")
 
     bad_mask = reasons.notna()
     quarantined = df[bad_mask].copy().astype(str)
     quarantined["reason"] = reasons[bad_mask]
     kept = out[~bad_mask].reset_index(drop=True)
-    return kept, quarantined
+    return kept, quarantined, present
 
 
-def ingest(path: str | Path, schema: DataSchema, store: Path) -> tuple[Snapshot, IngestReport]:
-    """Read, validate and snapshot a file; quarantined rows go to ``store/quarantine/<snapshot>.jsonl``."""
-    path = Path(path)
-    df, unreadable = read_table(path)
-    if df.empty:
-        kept, quarantined = pd.DataFrame(columns=list(COLUMNS)), pd.DataFrame(columns=["reason"])
-    else:
-        kept, quarantined = validate(df.drop(columns=["_line"], errors="ignore"), schema, source=str(path))
-    bad_rows = quarantined.to_dict("records") + unreadable
-    if kept.empty:
-        reasons = _count_reasons(bad_rows)
-        raise DataError(f"{path}: no usable rows; all {len(bad_rows)} were rejected ({reasons}).")
-    snap = from_rows(kept, schema.labels)
-    snap.save(store / "snapshots")
-    qpath = None
-    if bad_rows:
-        qdir = store / "quarantine"
-        qdir.mkdir(parents=True, exist_ok=True)
-        qpath = qdir / f"{snap.id}.jsonl"
-        with open(qpath, "w") as fh:
-            for r in bad_rows:
-                fh.write(json.dumps({k: (None if isinstance(v, float) and pd.isna(v) else v) for k, v in r.items()}, default=str) + "\n")
+def _reid(rows: pd.DataFrame, marks: tuple, which: np.ndarray) -> pd.DataFrame:
+    """Content ids, under the file's ``marks``, for the kept rows where ``which`` is true."""
+    if not which.any():
+        return rows
+    ids = rows["id"].tolist()
+    for i in np.flatnonzero(which):
+        lab, d = rows["label"].iat[i], rows["domain"].iat[i]
+        ids[i] = _content_id(rows["text"].iat[i], lab if isinstance(lab, str) else marks[0],
+                             d if isinstance(d, str) else marks[1])
+    return rows.assign(id=ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingest: chunks in, one snapshot parquet and one quarantine JSONL out, both written as they go
+
+
+class _Spool:
+    """A file written under a temporary name in ``directory`` and renamed only when the ingest succeeds."""
+
+    def __init__(self, directory: Path, suffix: str):
+        self.directory, self.suffix, self.tmp = directory, suffix, None
+
+    def open_tmp(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.directory / f".ingest-{os.getpid()}-{uuid.uuid4().hex[:8]}{self.suffix}.tmp"
+        return self.tmp
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
+class _SnapshotWriter(_Spool):
+    """Kept rows appended to one parquet file as row groups, as strings (None for a missing value)."""
+
+    def __init__(self, directory: Path):
+        super().__init__(directory, ".parquet")
+        self.writer = None
+
+    def write(self, rows: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.open_tmp(), schema)
+        table = pa.Table.from_pandas(rows[list(COLUMNS)], schema=schema, preserve_index=False)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def commit(self, snapshot_id: str, labels: tuple[str, ...] | None, n_rows: int) -> Path:
+        """Name the file by its snapshot id (the same id means the same rows: an existing file stays)."""
+        self.close()
+        path = self.directory / f"{snapshot_id}.parquet"
+        if not path.exists():
+            meta = {"labels": labels, "rows": n_rows}
+            (self.directory / f"{snapshot_id}.json").write_text(json.dumps(meta))
+            self.tmp.replace(path)
+            self.tmp = None
+        return path
+
+    def discard(self) -> None:
+        self.close()
+        super().discard()
+
+
+class _QuarantineWriter(_Spool):
+    def __init__(self, directory: Path):
+        super().__init__(directory, ".jsonl")
+        self.fh = None
+        self.reasons: dict[str, int] = {}
+        self.count = 0
+
+    def write(self, records: list[dict]) -> None:
+        if records and self.fh is None:
+            self.fh = open(self.open_tmp(), "w")
+        for r in records:
+            self.fh.write(json.dumps({k: (None if isinstance(v, float) and pd.isna(v) else v) for k, v in r.items()}, default=str) + "\n")
+            self.reasons[r["reason"]] = self.reasons.get(r["reason"], 0) + 1
+        self.count += len(records)
+
+    def commit(self, path: Path) -> Path | None:
+        if self.fh is None:
+            return None
+        self.fh.close()
+        self.tmp.replace(path)
+        self.tmp = None
+        return path
+
+    def discard(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        super().discard()
+
+
+def ingest(path: str | Path, schema: DataSchema, store: Path,
+           chunk_rows: int = CHUNK_ROWS) -> tuple[Snapshot, IngestReport]:
+    """Read, validate and snapshot a file; quarantined rows go to ``store/quarantine/<snapshot>.jsonl``.
+
+    The file is read ``chunk_rows`` rows at a time. A file of at most one chunk gives a snapshot with its rows
+    in memory, as ``from_rows`` does; a bigger one is written to ``store/snapshots`` as it is read, and its
+    snapshot reads the rows back from there when ``rows`` is first used. Either way the snapshot (id, rows,
+    order, duplicates found across the whole file) is the one that validating the whole file at once gives.
+    """
+    path, source = Path(path), str(path)
+    fixed_columns = _format(path) != "jsonl"  # a CSV header or a Parquet schema names every column up front
+    rowhash, seen = _RowHash(schema.labels), _SeenIds(hashed=bool(schema.id_column))
+    snapshots, quarantine = _SnapshotWriter(store / "snapshots"), _QuarantineWriter(store / "quarantine")
+    columns: dict[str, None] = {}
+    held: list[pd.DataFrame] | None = []  # kept rows while the file has read no more than one chunk of rows
+    first: tuple[bool, bool] | None = None  # label / domain present in the first chunk: the marks assumed
+    present = (False, False)
+    derived: int | None = None  # the kept row whose missing user id became a content id (one at most)
+    n_rows = n_kept = 0
+    try:
+        for df, lines, bad in _chunks(path, chunk_rows, schema.text_column, schema.max_chars):
+            records = list(bad)
+            if len(df):
+                n_rows += len(df)
+                columns.update(dict.fromkeys(map(str, df.columns)))
+                if fixed_columns:
+                    _check_columns(columns, schema, source)
+                elif schema.id_column and schema.id_column not in df.columns:
+                    df = df.assign(**{schema.id_column: np.nan})  # as in one frame of the whole file
+                kept, quarantined, here = _split(df, schema, seen, _missing_marks(first) if first else None)
+                first = first or here
+                present = (present[0] or here[0], present[1] or here[1])
+                if schema.id_column and kept["id"].isna().any():  # what from_rows does with a missing id
+                    derived = n_kept + int(np.flatnonzero(kept["id"].isna())[0])
+                    kept = _reid(kept, _missing_marks(first), kept["id"].isna().to_numpy())
+                # The line number goes first, so a user column named "line" keeps its own value.
+                records += [{"line": lines[i], **r}
+                            for i, r in zip(quarantined.index, quarantined.to_dict("records"))]
+                rowhash.update(kept)
+                n_kept += len(kept)
+                if held is not None:
+                    held.append(kept)
+                    if n_rows > chunk_rows:
+                        for k in held:
+                            snapshots.write(k)
+                        held = None
+                else:
+                    snapshots.write(kept)
+            records.sort(key=lambda r: r["line"])
+            quarantine.write(records)
+        if n_rows == 0 and quarantine.count == 0:
+            raise DataError(f"{path}: the file has no rows.")
+        if n_rows:
+            _check_columns(columns, schema, source)
+        if n_kept == 0:
+            raise DataError(f"{path}: no usable rows; all {quarantine.count} were rejected ({quarantine.reasons}).")
+
+        def reid(rows: pd.DataFrame, offset: int) -> pd.DataFrame:
+            """A later chunk had the file's first labels (domains): ids that hashed a missing one, again."""
+            if schema.id_column:
+                which = np.arange(offset, offset + len(rows)) == (-1 if derived is None else derived)
+            else:
+                pairs = zip(rows["label"], rows["domain"])
+                which = ~np.array([isinstance(lab, str) and isinstance(d, str) for lab, d in pairs], dtype=bool)
+            return _reid(rows, _missing_marks(present), which)
+
+        redo = reid if present != first and (derived is not None or not schema.id_column) else None
+        if held is not None:
+            rows = pd.concat(held, ignore_index=True) if len(held) > 1 else held[0]
+            snap = from_rows(redo(rows, 0) if redo else rows, schema.labels)
+            snap.save(store / "snapshots")
+        else:
+            if redo:
+                snapshots, rowhash = _rewrite(snapshots, redo, schema.labels)
+            sid = rowhash.hexdigest()
+            path_ = snapshots.commit(sid, schema.labels, n_kept)
+            snap = Snapshot(sid, labels=schema.labels, path=path_, length=n_kept)
+        qpath = quarantine.commit(store / "quarantine" / f"{snap.id}.jsonl")
+    finally:
+        snapshots.discard()
+        quarantine.discard()
     report = IngestReport(
-        source=str(path),
+        source=source,
         snapshot_id=snap.id,
         kept=len(snap),
-        quarantined=len(bad_rows),
-        reasons=_count_reasons(bad_rows),
+        quarantined=quarantine.count,
+        reasons=quarantine.reasons,
         quarantine_path=str(qpath) if qpath else None,
     )
     return snap, report
 
 
-def _count_reasons(rows: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
-    return counts
+def _rewrite(written: _SnapshotWriter, redo, labels: tuple[str, ...] | None
+             ) -> tuple[_SnapshotWriter, _RowHash]:
+    """The kept rows once more, row group by row group, through ``redo(rows, offset)``: new file, new hash."""
+    import pyarrow.parquet as pq
+
+    written.close()
+    out, rowhash, offset = _SnapshotWriter(written.directory), _RowHash(labels), 0
+    try:
+        pf = pq.ParquetFile(written.tmp)
+        for i in range(pf.num_row_groups):
+            rows = pf.read_row_group(i).to_pandas()
+            rows = redo(rows, offset)
+            offset += len(rows)
+            rowhash.update(rows)
+            out.write(rows)
+    except BaseException:
+        out.discard()
+        raise
+    finally:
+        written.discard()
+    return out, rowhash
 
 
 def from_rows(rows: pd.DataFrame, labels: tuple[str, ...] | None = None) -> Snapshot:
