@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows.promotion import act_on_decision
 from flows.tasks import (LoopContext, distill_round, evaluate, gate_task, load_teacher, log_monitor_run, open_review,
-                         register, teacher_outputs, with_review_labels)
+                         register, serving_graphs, teacher_outputs, with_review_labels)
 from kdops import kinds
 from kdops.artifacts import Artifact
 from kdops.recipes import ClassifierRecipe, LMRecipe, resolve_recipe
@@ -57,6 +57,9 @@ def distill_flow(ctx: LoopContext, train_id: str | None = None, eval_id: str | N
     report = evaluate(ctx, recipe, info["artifact"], eval_id, speed)
     decision = gate_task(recipe, report, champion.report if champion else None)
     log.info("gate: %s (%s)", decision.action, "; ".join(decision.reasons))
+    if decision.action != "reject":
+        served_as = serving_graphs(ctx, info["artifact"], eval_id)
+        log.info("served as %s (%s)", served_as["runtime"], served_as["reason"])
     version = register(ctx, recipe, info["artifact"], report, info, {"train": train_id, "eval": eval_id})
     summary = kind.summary(report)
     out = {"version": version, "artifact": info["artifact"], "report": report, "summary": summary,

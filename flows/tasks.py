@@ -144,6 +144,19 @@ def gate_task(recipe, report: dict, champion_summary: dict | None) -> Decision:
     return kinds.for_recipe(recipe).gate(report, champion_summary, recipe)
 
 
+@task(name="serving-graphs", cache_policy=None)
+def serving_graphs(ctx: LoopContext, artifact: str, eval_snapshot_id: str) -> dict:
+    """What a candidate will be served from (a classifier's ONNX graphs, INT8 gated on the evaluation rows); before
+    registration, so the registered version carries them."""
+    from kdops.onnx_predict import choose_graph
+
+    art = Artifact.read(artifact)
+    art = kinds.get(art.kind).prepare_serving(art, load_snapshot(ctx, eval_snapshot_id).rows)
+    choice = choose_graph(art)
+    return {"runtime": choice.runtime if choice else "torch", "reason": choice.reason if choice else
+            (art.extra.get("onnx") or {}).get("skipped", "no ONNX graphs for this kind")}
+
+
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=None)
 def register(ctx: LoopContext, recipe, artifact: str, report: dict, distill_info: dict, snapshot_ids: dict) -> int:
     """A tracking run (recipe, learning curve, report, plots, inputs) and a registry version with lineage."""

@@ -19,16 +19,16 @@ import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from kdops.errors import UserError
 from kdops.kind import Kind  # noqa: F401  (re-exported: artifacts carry their kind)
-from kdops.paths import atomic_dir, file_sha256  # noqa: F401  (file_sha256 re-exported)
-from kdops.student import StudentConfig, StudentModel
+from kdops.paths import atomic_dir, atomic_write, file_sha256  # noqa: F401  (file_sha256 re-exported)
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: reading kdops.json needs none
+    import torch
+
+    from kdops.student import StudentModel
 
 WEIGHTS, CONFIG, META = "model.safetensors", "student_config.json", "kdops.json"
 SCHEMA = 2
@@ -163,12 +163,27 @@ def write_artifact(directory: str | Path, kind: Kind, lineage: Lineage, label_na
     return art
 
 
+def add_files(art: Artifact, files: dict[str, bytes], extra: dict) -> Artifact:
+    """Derived files (an ONNX graph of the same weights) added to a finished artifact: each written atomically,
+    then ``kdops.json`` rewritten with their digests and ``extra`` merged in, so ``verify`` covers them and a
+    reader never sees a digest without its file."""
+    sha = dict(art.sha256)
+    for name, data in files.items():
+        atomic_write(art.path / name, data)
+        sha[name] = file_sha256(art.path / name)
+    new = replace(art, sha256=sha, extra={**art.extra, **extra})
+    atomic_write(art.path / META, json.dumps(new.to_meta(), indent=2, default=str))
+    return new
+
+
 # -- the classifier student's weights ------------------------------------------------------------------
 
 
 def save_student(directory: str | Path, model: StudentModel, tokenizer, label_names, max_length: int,
                  lineage: Lineage) -> Artifact:
     """Write a classifier student atomically: into a temporary sibling, then renamed into place."""
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -182,7 +197,11 @@ def save_student(directory: str | Path, model: StudentModel, tokenizer, label_na
 
 def load_student(directory: str | Path | Artifact, device: str | torch.device = "cpu", verify: bool = True):
     """Load ``(model, tokenizer, artifact)`` of a classifier student; ArtifactError with the reason otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
+
+    from kdops.student import StudentConfig, StudentModel
 
     art = directory if isinstance(directory, Artifact) else None
     directory = art.path if art else Path(directory)

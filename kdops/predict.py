@@ -9,36 +9,13 @@ import numpy as np
 import torch
 
 from kdops.artifacts import load_student
-
-
-class InputError(ValueError):
-    """A request that cannot be predicted (empty text, too long, wrong type)."""
+from kdops.inputs import InputError, check_texts  # noqa: F401  (re-exported)
 
 
 @dataclass
 class Prediction:
     label: str
     probabilities: list[float]
-
-
-def check_texts(texts, max_chars: int) -> list[str]:
-    if not isinstance(texts, (list, tuple)):
-        raise InputError(f"expected a list of strings, got {type(texts).__name__}")
-    out = []
-    for i, t in enumerate(texts):
-        if isinstance(t, bytes):
-            try:
-                t = t.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"text {i} is not valid UTF-8") from e
-        if not isinstance(t, str):
-            raise InputError(f"text {i} is {type(t).__name__}, not a string")
-        if not t.strip():
-            raise InputError(f"text {i} is empty")
-        if len(t) > max_chars:
-            raise InputError(f"text {i} has {len(t)} characters; the limit is {max_chars}")
-        out.append(t)
-    return out
 
 
 class Predictor:

@@ -94,7 +94,7 @@ class Stub:
     def __init__(self, args: dict):
         self.settings = s = StubSettings.from_args(args)
         threads = s.number("kdops_torch_threads", 0)
-        if threads > 0:
+        if threads > 0 and s.param("kdops_runtime", "torch") == "torch":  # an ONNX model never imports torch
             import torch
 
             # Why: on a small CPU box the intra-op threads of several instances (and of a slot being loaded
@@ -119,7 +119,7 @@ class Stub:
 
     def read_texts(self, request) -> list[str]:
         """A text model's request: the strings of its input, checked (kdops.predict.check_texts)."""
-        from kdops.predict import check_texts
+        from kdops.inputs import check_texts
 
         return check_texts(values(request, self.settings.inputs[0]), self.settings.max_chars)
 
@@ -206,9 +206,12 @@ def int32s(name: str, values) -> Any:
 
 
 def floats(name: str, tensor, dlpack: bool) -> Any:
-    """A TYPE_FP32 output from a torch tensor (N, ...), through DLPack when ``dlpack``."""
+    """A TYPE_FP32 output from a torch tensor or a numpy array (N, ...); a torch tensor goes through DLPack when
+    ``dlpack``."""
     import numpy as np
 
+    if isinstance(tensor, np.ndarray):
+        return _pb().Tensor(name, np.ascontiguousarray(tensor, dtype=np.float32))
     part = tensor.contiguous()
     if dlpack:
         from torch.utils.dlpack import to_dlpack

@@ -26,7 +26,7 @@ from kdops.paths import atomic_write
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Files an artifact may contain; anything else (a .bin/.pt/.pkl pickle, caches) is left behind.
-ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken")
+ALLOWED_SUFFIXES = (".safetensors", ".onnx", ".json", ".txt", ".model", ".tiktoken")
 WARMUP_TEXTS = ("this movie was good", "a terrible boring plot and a really awful actor")
 
 # A transformers sequence classifier serving soft labels: text in, logits out.
@@ -63,6 +63,8 @@ class ExportConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "Generation models: the most new tokens a request may ask for."})
     default_max_tokens: int = field(default=32, metadata={"help": "Generation models: new tokens when a request sends no MAX_TOKENS."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Generation models: longer prompts keep their last tokens."})
+    runtime: str = field(default="auto", metadata={"help": "auto: a CPU model whose artifact has ONNX graphs runs them (ONNX Runtime, INT8 where its gate passed, no torch in the stub); torch: always the torch student."})
+    onnx_threads: int = field(default=1, metadata={"help": "ONNX Runtime intra-op threads per instance, scaled by instance_count as torch_threads is."})
     streaming: bool = field(default=False, metadata={"help": "Generation models: a decoupled model that streams text as it is generated (clients: gRPC streams, ServingClient.generate_stream, or HTTP generate_stream); ServingClient.generate reads either kind."})
 
     def __post_init__(self) -> None:
@@ -72,6 +74,8 @@ class ExportConfig:
             raise ValueError("max_batch_size and instance_count must be >= 1, max_queue_delay_us >= 0.")
         if not 0 <= self.default_max_tokens <= self.max_new_tokens or self.max_prompt_tokens < 2:
             raise ValueError("need 0 <= default_max_tokens <= max_new_tokens and max_prompt_tokens >= 2.")
+        if self.runtime not in ("auto", "torch"):
+            raise ValueError("runtime must be auto or torch.")
         if any(p < 1 or p > self.max_batch_size for p in self.preferred_batch_sizes):
             raise ValueError("preferred_batch_sizes must lie in [1, max_batch_size].")
 
@@ -97,9 +101,22 @@ def with_label_count(spec: ServingSpec, num_labels: int) -> ServingSpec:
     return replace(spec, inputs=fill(spec.inputs), outputs=fill(spec.outputs))
 
 
-def served_spec(artifact: Artifact) -> ServingSpec:
-    """The tensors ``artifact`` is served with: its kind's spec, sized to its labels."""
-    return with_label_count(kinds.for_artifact(artifact).serving, len(artifact.label_names))
+def served_runtime(artifact: Artifact, cfg: ExportConfig = ExportConfig()) -> str:
+    """``onnx`` when ``artifact`` is served from its ONNX graphs (a CPU instance, a kind with an ONNX template, graphs
+    exported by kdops.onnx_export), else ``torch``."""
+    from kdops.onnx_predict import choose_graph
+
+    onnx = (cfg.runtime == "auto" and cfg.instance_kind == "KIND_CPU" and kinds.for_artifact(artifact).serving.onnx_template
+            and choose_graph(artifact) is not None)
+    return "onnx" if onnx else "torch"
+
+
+def served_spec(artifact: Artifact, cfg: ExportConfig = ExportConfig()) -> ServingSpec:
+    """The tensors and template ``artifact`` is served with: its kind's spec, sized to its labels."""
+    spec = kinds.for_artifact(artifact).serving
+    if served_runtime(artifact, cfg) == "onnx":
+        spec = replace(spec, template=spec.onnx_template)
+    return with_label_count(spec, len(artifact.label_names))
 
 
 def streams(spec: ServingSpec, cfg: ExportConfig) -> bool:
@@ -159,9 +176,12 @@ def _warmup_bytes(dtype: str, value) -> bytes:
 
 def artifact_config(artifact: Artifact, name: str, label: str, cfg: ExportConfig) -> str:
     """The config.pbtxt of ``artifact`` served as ``name`` with MODEL_VERSION ``label``."""
-    spec = served_spec(artifact)
+    spec = served_spec(artifact, cfg)
     params = {"kdops_kind": artifact.kind.value, "kdops_version": label, "kdops_max_chars": cfg.max_chars,
-              "kdops_torch_threads": cfg.torch_threads, **kinds.for_artifact(artifact).serving_params(artifact)}
+              "kdops_runtime": served_runtime(artifact, cfg), "kdops_torch_threads": cfg.torch_threads,
+              **kinds.for_artifact(artifact).serving_params(artifact)}
+    if params["kdops_runtime"] == "onnx":
+        params["kdops_onnx_threads"] = cfg.onnx_threads
     if spec.generates:
         params.update(kdops_max_new_tokens=cfg.max_new_tokens, kdops_default_max_tokens=cfg.default_max_tokens,
                       kdops_max_prompt_tokens=cfg.max_prompt_tokens)
@@ -213,7 +233,7 @@ def export_artifact(artifact: Artifact | str | Path, repo: str | Path, name: str
     if not (art.path / WEIGHTS).is_file():
         raise ArtifactError(f"{art.path}: {WEIGHTS} missing.")
     label = version_label or model_version(art, version)
-    return _write_model(Path(repo), name, version, art.path, artifact_config(art, name, label, cfg), served_spec(art))
+    return _write_model(Path(repo), name, version, art.path, artifact_config(art, name, label, cfg), served_spec(art, cfg))
 
 
 def reload_compatible(artifact: Artifact | str | Path, repo: str | Path, name: str, loaded_version: int,
@@ -232,7 +252,7 @@ def reload_compatible(artifact: Artifact | str | Path, repo: str | Path, name: s
     unversioned = re.compile(r'(key: "kdops_version" value \{ string_value: )"[^"]*"')
     wanted = artifact_config(art, name, "-", cfg)
     return (unversioned.sub(r"\1-", running) == unversioned.sub(r"\1-", wanted)
-            and code == (TEMPLATES / served_spec(art).template).read_bytes())
+            and code == (TEMPLATES / served_spec(art, cfg).template).read_bytes())
 
 
 def stage_reload(artifact: Artifact | str | Path, repo: str | Path, name: str, version: int) -> str:

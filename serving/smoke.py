@@ -51,9 +51,9 @@ def agrees(served, expected, atol: float) -> bool:
 
 def smoke_check(client: ServingClient, name: str, kind: TaskKind, texts: list[str], label: str,
                 reference: Artifact | None = None, atol: float = 1e-4, max_tokens: int = 8,
-                one_thread: bool = False) -> None:
+                one_thread: bool = False, onnx: bool = False) -> None:
     """Raise SmokeError unless ``name`` answers ``texts`` well-formed, as ``label``, and (given ``reference``)
-    as the artifact does locally. ``one_thread``: the local reference runs on this thread alone (a niced swap:
+    as the artifact does locally (``onnx``: through its ONNX graph, as the served model runs it). ``one_thread``: the local reference runs on this thread alone (a niced swap:
     serving.priority.torch_on_this_thread)."""
     served, versions = ask(client, name, kind, texts, max_tokens)
     if any(v != label for v in versions):
@@ -61,7 +61,7 @@ def smoke_check(client: ServingClient, name: str, kind: TaskKind, texts: list[st
     if reference is None:
         return
     with (torch_on_this_thread() if one_thread else nullcontext()):
-        expected = kind.smoke_reference(reference, texts, max_tokens)
+        expected = kind.smoke_reference(reference, texts, max_tokens, onnx=onnx)
     if not agrees(served, expected, atol):
         raise SmokeError(f"served answers differ from the artifact's own (atol {atol}): "
                          f"{_head(served)!r} vs {_head(expected)!r}")

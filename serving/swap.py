@@ -34,7 +34,7 @@ from kdops.hotreload import read_acks, slot_directory, wait_for_acks, write_requ
 from kdops.proc import run_in_niced_thread
 from serving.client import ServingClient, ServingError, client_for
 from serving.export import (ExportConfig, as_artifact, export_artifact, model_version, reload_compatible,
-                            served_spec, stage_reload, streams, write_ensemble)
+                            served_runtime, served_spec, stage_reload, streams, write_ensemble)
 from serving.priority import loading_stub
 from serving.smoke import SMOKE_TEXTS, smoke_check
 from serving.state import archive, read_state, rollback_source, slot_names, swap_lock, write_state
@@ -97,7 +97,7 @@ class _Swap:
     def smoke(self, name: str, texts, reference: bool) -> None:
         smoke_check(self.client, name, kinds.for_artifact(self.artifact), list(texts), self.label,
                     self.artifact if reference else None, self.cfg.atol, self.cfg.smoke_tokens,
-                    one_thread=self.cfg.nice_loading)
+                    one_thread=self.cfg.nice_loading, onnx=served_runtime(self.artifact, self.cfg.export) == "onnx")
 
 
 def _safe_unload(client: ServingClient, name: str) -> None:
@@ -169,7 +169,7 @@ def _hot_swap(target, model: str, artifact_dir, repo, cfg: SwapConfig, note: str
 
 def _switch(sw: _Swap) -> None:
     """Re-point the stable name at the new slot; on failure put the old routing back and refuse the version."""
-    spec = served_spec(sw.artifact)
+    spec = served_spec(sw.artifact, sw.cfg.export)
     ens_cfg = sw.repo / sw.model / "config.pbtxt"
     previous = ens_cfg.read_text() if ens_cfg.exists() else None
     t0 = time.perf_counter()

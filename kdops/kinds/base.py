@@ -76,6 +76,7 @@ class ServingSpec:
     warmup: tuple[tuple[str, str, str | int | float], ...] = field(
         metadata={"help": "What a warm-up request sends before the model is marked ready: (input, dtype, value)."})
     generates: bool = field(default=False, metadata={"help": "A generation model: prompts in, text out (can stream)."})
+    onnx_template: str = field(default="", metadata={"help": "model.py template serving the artifact's ONNX graphs on a CPU (empty: torch only)."})
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,13 @@ class TaskKind(Protocol):
     def monitor_teacher(self, teacher) -> Callable[[list[str]], Any] | None:
         """What the drift monitor's teacher-disagreement check calls on a window's texts (None: no such check)."""
 
+    def prepare_serving(self, artifact: Artifact, rows: pd.DataFrame) -> Artifact:
+        """``artifact`` with whatever it is served from besides its weights (a classifier's ONNX graphs, gated on
+        evaluation ``rows``); idempotent."""
+
     def serving_params(self, artifact: Artifact) -> dict[str, str]:
         """Kind-specific model parameters of the served config (label names ...)."""
 
-    def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int) -> Any:
-        """What the served model must answer for ``texts`` (computed locally), for the swap's smoke check."""
+    def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int, onnx: bool = False) -> Any:
+        """What the served model must answer for ``texts`` (computed locally), for the swap's smoke check;
+        ``onnx``: the model serves the artifact's ONNX graph for this CPU (its ``serving.onnx_template``)."""

@@ -102,10 +102,13 @@ class CausalLMKind:
     def monitor_teacher(self, teacher):
         return None  # a teacher's next-token distribution labels nothing to disagree with
 
+    def prepare_serving(self, artifact: Artifact, rows: pd.DataFrame) -> Artifact:
+        return artifact  # served by torch (bench/lm_int8.py measures whether dynamic INT8 would pay)
+
     def serving_params(self, artifact: Artifact) -> dict[str, str]:
         return {}
 
-    def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int):
+    def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int, onnx: bool = False):
         from kdops.lm.predict import LMGenerator
 
         return [g.text for g in LMGenerator.from_dir(artifact.path).generate(texts, max_tokens, 0.0)]

@@ -26,6 +26,7 @@ class ClassifierKind:
         outputs=(Tensor("PROBABILITIES", "TYPE_FP32", 0), Tensor("LABEL", "TYPE_STRING"),
                  Tensor("MODEL_VERSION", "TYPE_STRING")),
         warmup=(("TEXT", "TYPE_STRING", "this movie was good"),),
+        onnx_template="onnx_model.py",
     )
 
     def load_teacher(self, spec: TeacherSpec | str | Path, device: str = "cpu", remote: RemoteTeacherLoader | None = None):
@@ -111,12 +112,21 @@ class ClassifierKind:
     def monitor_teacher(self, teacher):
         return teacher.logits
 
+    def prepare_serving(self, artifact: Artifact, rows: pd.DataFrame) -> Artifact:
+        from kdops.onnx_export import prepare
+
+        return prepare(artifact, rows)
+
     def serving_params(self, artifact: Artifact) -> dict[str, str]:
         import json
 
         return {"kdops_label_names": json.dumps(list(artifact.label_names))}
 
-    def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int):
+    def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int, onnx: bool = False):
+        if onnx:
+            from kdops.onnx_predict import OnnxPredictor
+
+            return OnnxPredictor.from_dir(artifact.path, verify=False).predict_proba(texts)
         from kdops.predict import Predictor
 
         return Predictor.from_dir(artifact.path).predict_proba(texts)

@@ -22,6 +22,22 @@ DEFAULT_MODEL = "kdops-student"
 LINEAGE_PREFIX = "kdops.lineage."
 SHA_TAG, PATH_TAG, STATE_TAG, KIND_TAG = "kdops.weights_sha256", "kdops.artifact_path", "kdops.state", "kdops.kind"
 
+RUNTIME_TAG, INT8_TAG = "kdops.serving_runtime", "kdops.int8_gate"
+
+
+def serving_tags(art) -> dict[str, str]:
+    """What the version is served as on this machine's CPU (``onnx-int8``, ``onnx-fp32`` or ``torch``) and its INT8
+    gate per CPU family: the registry's record of which artifact file serves."""
+    from kdops.onnx_predict import choose_graph, onnx_meta
+
+    choice = choose_graph(art)
+    tags = {RUNTIME_TAG: choice.runtime if choice else "torch"}
+    gates = onnx_meta(art).get("int8_gate")
+    if gates:
+        tags[INT8_TAG] = json.dumps({f: {k: g[k] for k in ("passed", "agreement", "max_drop_points", "reason")}
+                                     for f, g in gates.items()})
+    return tags
+
 
 def decode_lineage(tags: dict[str, str]) -> dict:
     """Lineage tags as ``kdops.artifacts.Lineage`` fields; older vocabularies are migrated on read."""
@@ -79,7 +95,7 @@ class Versions(OnStore):
             tags = {f"{LINEAGE_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v, default=str)
                     for k, v in lin.to_dict().items() if v not in (None, "", {}, [])}
             tags.update({SHA_TAG: sha, PATH_TAG: artifact_path, KIND_TAG: art.kind.value,
-                         "kdops.registered_by": acting()})
+                         "kdops.registered_by": acting(), **serving_tags(art)})
             mv = self.store.retry(lambda: self.client.create_model_version(
                 name, source, run_id=run_id, tags=tags, description=f"{art.kind.value} student {sha[:12]}"))
         version = int(mv.version)
