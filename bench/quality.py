@@ -70,6 +70,70 @@ def cpu_speed(teacher, student: Predictor, sample: list[str], repeats: int = 3) 
     return out
 
 
+def int8_speed(teacher, student: Predictor, student_dir: Path, tests: dict, sample: list[str], repeats: int = 3) -> dict:
+    """The student's INT8 ONNX graph (kdops.onnx_export, gated on every test domain) against the torch student and
+    the torch teacher, at batch 1 and 32, the three measured alternately in this run; ONNX Runtime gets as many
+    threads as torch has."""
+    import pandas as pd
+
+    from kdops.artifacts import Artifact
+    from kdops.onnx_export import prepare
+    from kdops.onnx_predict import OnnxPredictor, choose_graph, int8_family
+
+    rows = pd.concat([r.assign(domain=d) for d, r in tests.items()], ignore_index=True)
+    t0 = time.perf_counter()
+    art = prepare(Artifact.read(student_dir), rows)
+    out: dict = {"int8_prepare_seconds": round(time.perf_counter() - t0, 1)}
+    if "fp32" not in (art.extra.get("onnx") or {}):
+        return {**out, "int8_skipped": art.extra["onnx"].get("skipped")}
+    family = int8_family()
+    gate = art.extra["onnx"]["int8_gate"].get(family or "", {})
+    choice = choose_graph(art)
+    out.update(int8_family=family, int8_runtime=choice.runtime, int8_gate_passed=bool(gate.get("passed")),
+               int8_accuracy_drop_max_slice=gate.get("max_drop_points"), int8_label_agreement=gate.get("agreement"),
+               int8_slices={k: round(v["drop_points"], 3) for k, v in gate.get("slices", {}).items()})
+    fast = OnnxPredictor.from_dir(student_dir, threads=torch.get_num_threads(), graph=art.extra["onnx"]["int8"].get(family or "vnni"))
+    for b in (1, 32):
+        arms = (("teacher", lambda x: teacher.logits(x)), ("torch", lambda x: student.predict_proba(x, batch_size=b)),
+                ("int8", lambda x: fast.predict_proba(x, batch_size=b)))
+        runs: dict = {name: [] for name, _ in arms}
+        for r in range(repeats):
+            for name, fn in arms if r % 2 == 0 else arms[::-1]:
+                runs[name].append(measure_speed(fn, sample, b, max_seconds=6)["throughput"])
+        med = {name: float(np.median(v)) for name, v in runs.items()}
+        out[f"int8_throughput_batch{b}"] = med["int8"]
+        out[f"int8_throughput_batch{b}_repeats"] = [round(x, 1) for x in runs["int8"]]
+        out[f"torch_student_throughput_batch{b}"] = med["torch"]
+        out[f"int8_speedup_vs_torch_batch{b}"] = med["int8"] / med["torch"]
+        out[f"student_vs_teacher_speedup_batch{b}"] = med["int8"] / med["teacher"]
+        out[f"int8_speedup_vs_torch_batch{b}_repeats"] = [round(i / t, 2) for i, t in zip(runs["int8"], runs["torch"])]
+    return out
+
+
+def int8_targets(res: dict) -> dict:
+    if "int8_speedup_vs_torch_batch1" not in res:
+        return {}
+    return {
+        "int8_speedup_vs_torch_batch1 >= 2.5": [res["int8_speedup_vs_torch_batch1"], res["int8_speedup_vs_torch_batch1"] >= 2.5],
+        "int8_speedup_vs_torch_batch32 >= 2": [res["int8_speedup_vs_torch_batch32"], res["int8_speedup_vs_torch_batch32"] >= 2],
+        "student_vs_teacher_speedup_batch1 >= 10": [res["student_vs_teacher_speedup_batch1"], res["student_vs_teacher_speedup_batch1"] >= 10],
+        "int8_accuracy_drop_max_slice <= 0.5": [res["int8_accuracy_drop_max_slice"], res["int8_accuracy_drop_max_slice"] <= 0.5],
+        "int8_label_agreement >= 0.99": [res["int8_label_agreement"], res["int8_label_agreement"] >= 0.99],
+    }
+
+
+def print_int8(res: dict) -> None:
+    if "int8_speedup_vs_torch_batch1" not in res:
+        print(f"INT8: not measured ({res.get('int8_skipped')})")
+        return
+    print(f"INT8 ({res['int8_family']} graph, served as {res['int8_runtime']}): agreement {res['int8_label_agreement']:.4f}, "
+          f"worst slice {res['int8_accuracy_drop_max_slice']:.2f} points {res['int8_slices']}")
+    for b in (1, 32):
+        print(f"batch {b:>2}: int8 {res[f'int8_throughput_batch{b}']:8.1f}/s  torch student "
+              f"{res[f'torch_student_throughput_batch{b}']:8.1f}/s  = {res[f'int8_speedup_vs_torch_batch{b}']:.2f}x "
+              f"(repeats {res[f'int8_speedup_vs_torch_batch{b}_repeats']}); vs teacher {res[f'student_vs_teacher_speedup_batch{b}']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/quality.json"), help="Where to write the JSON results.")
@@ -90,6 +154,8 @@ def main() -> None:
     ap.add_argument("--speed-only", type=Path, default=None, metavar="STUDENT_DIR",
                     help="Only measure CPU speed of this saved student against the teacher (no training).")
     ap.add_argument("--speed-repeats", type=int, default=3, help="Alternating repeats of each speed measurement (median).")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                    help="Also export the student to ONNX, gate its INT8 graph on the four test domains and time it against the torch student and teacher.")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,6 +187,11 @@ def main() -> None:
                   f"{res[f'student_throughput_batch{b}']:8.1f}/s  speedup {res[f'cpu_speedup_batch{b}']:.2f}x  "
                   f"(repeats {res[f'teacher_throughput_batch{b}_repeats']} vs {res[f'student_throughput_batch{b}_repeats']})")
         print(f"params {res['student_params']:,} / {res['teacher_params']:,} = {res['param_ratio']:.3f}")
+        if args.int8:
+            tests = {d: corpora.load("sentiment", split="test", domains=(d,)).rows for d in corpora.SENTIMENT_DOMAINS}
+            res.update(int8_speed(teacher, st, args.speed_only, tests, sample, args.speed_repeats))
+            res["targets"] = int8_targets(res)
+            print_int8(res)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2, default=str))
         return
@@ -153,6 +224,8 @@ def main() -> None:
 
     # --- CPU speed, same harness for both (tokenise + forward) ---------------------------------
     res.update(cpu_speed(teacher, v1, sample, args.speed_repeats))
+    if args.int8:
+        res.update(int8_speed(teacher, v1, r1.artifact, tests, sample, args.speed_repeats))
 
     # --- cached vs online soft labels: the same epoch, teacher from the cache vs run every step ---
     probe = train.sample(n=min(1024, len(train)), random_state=2)
@@ -197,6 +270,7 @@ def main() -> None:
         "incremental_movie_drop <= 0.01": [res["incremental_movie_drop"], res["incremental_movie_drop"] <= 0.01],
         "incremental_compute_ratio <= 0.25": [res["incremental_compute_ratio"], res["incremental_compute_ratio"] <= 0.25],
         "cached_speedup >= 2": [res["cached_speedup"], res["cached_speedup"] >= 2],
+        **int8_targets(res),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2, default=float))
@@ -221,6 +295,7 @@ def print_table(res: dict) -> None:
     print("\ntargets:")
     for k, (v, ok) in res["targets"].items():
         print(f"  {'MET ' if ok else 'MISS'}  {k}: {v:.4f}")
+    print_int8(res)
 
 
 if __name__ == "__main__":

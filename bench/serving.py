@@ -104,7 +104,7 @@ def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
     latency overall and per swap phase, which method each swap used, and the server's RSS every n/5 swaps."""
     from serving.swap import hot_swap
 
-    swap_s, phases, methods, rss = [], [], {}, []
+    swap_s, phases, methods, rss, loads = [], [], {}, [], []
 
     def swaps():
         for i in range(n):
@@ -112,6 +112,7 @@ def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
             r = hot_swap(server, "student", students[(i + 1) % 2], cfg=cfg)
             swap_s.append(time.perf_counter() - t0)
             phases.append((m0, r.timings_s))
+            loads.append(r.timings_s.get("load", 0.0))
             methods[r.method] = methods.get(r.method, 0) + 1
             if (i + 1) % max(1, n // 5) == 0:
                 rss.append(round(rss_kb(server.pids()) / 1024))
@@ -123,8 +124,10 @@ def swap_run(server, students, n, clients, cfg, steady_p99_ms) -> dict:
                swap_errors=errs[:5], swap_requests_over_3x=int((lat * 1000 > 3 * steady_p99_ms).sum()),
                swap_max_latency_ms=round(float(lat.max() * 1000), 1), swap_p99_ms=pct(lat, 99),
                swap_seconds_mean=round(float(np.mean(swap_s)), 2), swap_rps=round(rps, 1), swap_methods=methods,
-               rss_mb_trace=rss)
+               rss_mb_trace=rss, swap_load_s_p50=round(float(np.median(loads)), 3) if loads else None,
+               swap_load_s_max=round(float(max(loads)), 3) if loads else None)
     out["swap_max_over_steady_p99"] = round(out["swap_max_latency_ms"] / steady_p99_ms, 2)
+    out["swap_p99_over_steady_p99"] = round(out["swap_p99_ms"] / steady_p99_ms, 2) if out["swap_p99_ms"] else None
     if CLIENT.get("timeline") is not None:
         per_swap: list = []
         out["swap_phase_max_latency_ms"] = phase_maxima(CLIENT["timeline"], phases, per_swap)
@@ -176,6 +179,27 @@ def tiny_models(root: Path):
     return students, root / "teacher"
 
 
+def with_graphs(students: list[Path], real: bool) -> None:
+    """Give each student its ONNX graphs (kdops.onnx_export), INT8 gated on the sentiment test split for real students
+    and on the bench texts for the tiny random ones (whose INT8 gate may fail: they then serve the fp32 graph)."""
+    import pandas as pd
+
+    from kdops import corpora
+    from kdops.artifacts import Artifact
+    from kdops.onnx_export import prepare
+    from kdops.onnx_predict import choose_graph
+
+    if real:
+        rows = pd.concat([corpora.load("sentiment", split="test", domains=(d,)).rows.assign(domain=d)
+                          for d in corpora.SENTIMENT_DOMAINS], ignore_index=True)
+    else:
+        rows = pd.DataFrame({"text": TEXTS * 20, "label": ["pos", "neg", "neg", "pos", "pos"] * 20})
+    for d in students:
+        art = prepare(Artifact.read(d), rows)
+        choice = choose_graph(art)
+        print(f"{d}: served as {choice.runtime if choice else 'torch'} ({choice.reason if choice else art.extra['onnx']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="Write the JSON results here.")
@@ -196,6 +220,9 @@ def main() -> None:
                          "the design before in-place reloads, as a baseline.")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads per model instance (0: torch default, all cores).")
+    ap.add_argument("--runtime", choices=("auto", "torch"), default="auto",
+                    help="auto: the students serve their ONNX graphs (INT8 where gated; exported here if missing) and a torch copy of the "
+                         "first is measured beside them; torch: the torch students only, as before ONNX.")
     ap.add_argument("--client", choices=("grpc-async", "http-threads"), default="grpc-async",
                     help="Load generator: one asyncio gRPC process, or one HTTP client thread per client in this process.")
     args = ap.parse_args()
@@ -210,6 +237,8 @@ def main() -> None:
     students, teacher = tiny_models(root)
     students = list(args.student or students)
     teacher = args.teacher or teacher
+    if args.runtime == "auto":
+        with_graphs(students, real=args.student is not None)
     res = {"clients": args.clients, "seconds": args.seconds, "command": " ".join(sys.argv)}
     rows = []
     with TritonServer(ServerConfig(repository=str(root / "repo"))) as server:
@@ -217,7 +246,7 @@ def main() -> None:
         CLIENT.update(kind=args.client, grpc_url=server.grpc_url)
         res["client"] = args.client
         cfg = SwapConfig(nice_loading=args.nice_loading, standby=not args.no_standby,
-                         export=ExportConfig(torch_threads=args.torch_threads))
+                         export=ExportConfig(torch_threads=args.torch_threads, runtime=args.runtime))
         # Four arms, one artifact: batching off / on, each through the stable name clients use (the ensemble in
         # front of the hot-swap slots) and called directly (a plain model, no ensemble). The gain of record
         # compares the two stable-name arms, so batching is the only difference; the direct pair and the
@@ -229,9 +258,12 @@ def main() -> None:
             export_artifact(students[0], server.repository, name, 1, replace(export, warmup=False))
             client.load(name)
         deploy_teacher(server, teacher, "teacher")
+        torch_arm = args.runtime == "auto"
+        if torch_arm:  # the same student served by torch: what the ONNX runtime gains through Triton
+            deploy(server, "student_torch", students[0], cfg=replace(cfg, export=replace(cfg.export, runtime="torch")))
         # The arms alternate ``--repeats`` times and the run reports the median of the per-repeat gains: one
         # burst of other load on a shared 2-core box moves a single pair's gain.
-        arms = ("nobatch", "student", "direct_nobatch", "direct_batch")
+        arms = ("nobatch", "student", "direct_nobatch", "direct_batch") + (("student_torch",) if torch_arm else ())
         pairs: dict[str, list] = {m: [] for m in arms}
         for _ in range(args.repeats):
             for model in arms:
@@ -247,9 +279,10 @@ def main() -> None:
         load(server.url, "teacher", args.clients, 2.0)
         lat, errs, rps = load(server.url, "teacher", args.clients, args.seconds)
         pairs["teacher"] = [(rps, lat, errs)]
-        for name, model, i in (("no batching", "nobatch", mid), ("dynamic batching", "student", mid),
-                               ("direct, no batching", "direct_nobatch", mid),
-                               ("direct, batching", "direct_batch", mid), ("teacher (batching)", "teacher", 0)):
+        shown = (("no batching", "nobatch", mid), ("dynamic batching", "student", mid),
+                 ("direct, no batching", "direct_nobatch", mid), ("direct, batching", "direct_batch", mid),
+                 ("teacher (batching)", "teacher", 0))
+        for name, model, i in shown + ((("torch student (batching)", "student_torch", mid),) if torch_arm else ()):
             rps, lat, errs = pairs[model][i]
             rows.append((name, rps, pct(lat, 50), pct(lat, 95), pct(lat, 99), len(errs)))
             res[model] = {"rps": round(rps, 1), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
@@ -258,7 +291,8 @@ def main() -> None:
                 res[model]["rps_repeats"] = [round(r, 1) for r, _, _ in pairs[model]]
                 res[model]["p95_ms_repeats"] = [pct(lat_, 95) for _, lat_, _ in pairs[model]]
         # Only the student's slots stay loaded for the swaps and the RSS figures.
-        for name in ("nobatch", *slot_names("nobatch"), "direct_nobatch", "direct_batch", "teacher"):
+        for name in ("nobatch", *slot_names("nobatch"), "direct_nobatch", "direct_batch", "teacher",
+                     "student_torch", *slot_names("student_torch")):
             try:
                 client.unload(name)
             except ServingError:  # a slot that was never loaded
@@ -272,6 +306,11 @@ def main() -> None:
         res["batching_gain_mixed_repeats"] = [round(g, 2) for g in ratios("student", "direct_nobatch")]
         res["ensemble_cost_pct_repeats"] = [round(100 * (1 - g), 1) for g in ratios("student", "direct_batch")]
         res["student_vs_teacher_speedup"] = round(res["student"]["rps"] / res["teacher"]["rps"], 2)
+        res["served_student_vs_teacher_speedup"] = res["student_vs_teacher_speedup"]
+        res["runtime"] = args.runtime
+        if torch_arm:
+            res["served_onnx_vs_torch_repeats"] = [round(g, 2) for g in ratios("student", "student_torch")]
+            res["served_onnx_vs_torch_speedup"] = round(float(np.median(res["served_onnx_vs_torch_repeats"])), 2)
         res["p50_ms"], res["p95_ms"], res["p99_ms"] = (res["student"][k] for k in ("p50_ms", "p95_ms", "p99_ms"))
         res["steady_p99_ms"] = res["student"]["p99_ms"]
         # Baseline after one swap, once the unloaded no-batch/teacher stubs have exited: their exit would read as
@@ -309,6 +348,10 @@ def main() -> None:
         print(f"worst request during swaps / steady p99: in-place reload {res['swap_max_latency_ms']} ms "
               f"({res['swap_max_over_steady_p99']}x, {res['swaps']} swaps), fresh stub {b['swap_max_latency_ms']} ms "
               f"({b['swap_max_over_steady_p99']}x, {b['swaps']} swaps)")
+    print(f"served student / teacher: {res['served_student_vs_teacher_speedup']}x"
+          + (f"; ONNX / torch student: {res['served_onnx_vs_torch_speedup']}x ({res['served_onnx_vs_torch_repeats']})" if "served_onnx_vs_torch_speedup" in res else "")
+          + f"; swap load p50 {res['swap_load_s_p50']} s (max {res['swap_load_s_max']}); p99 while swapping / steady "
+          f"{res['swap_p99_over_steady_p99']}x, worst / steady p99 {res['swap_max_over_steady_p99']}x")
     if "control_max_latency_ms" in res:
         print(f"worst request without swaps, same load and length ({res['control_seconds']} s): "
               f"{res['control_max_latency_ms']} ms ({res['control_max_over_steady_p99']}x); requests over 3x the "

@@ -139,7 +139,7 @@ def up(
         cfg = UpConfig(home=str(root), teacher_dir=str(directory or ""), teacher_url=url, teacher_model=teacher_model,
                        interval_s=interval or m.interval_s, window_s=window or m.window_s, min_rows=min_rows or m.min_rows,
                        triton_url=triton_url or "", triton_grpc_url=triton_grpc_url or "", triton_key=triton_admin_key or "",
-                       repository=str(repository or ""), model=model or p.serve.model, for_seconds=for_seconds,
+                       repository=str(repository or ""), model=model or p.serve.model, runtime=p.serve.runtime, for_seconds=for_seconds,
                        watch_dir=str(p.root / p.data.watch) if p.data.watch else "", schema=s.schema(),
                        labels=tuple(p.task.labels), label_map=dict(p.task.label_map),
                        eval_data=p.resolve(p.data.test) if p.data.test else "", kind=p.task.kind, recipe=p.student.recipe,

@@ -23,7 +23,7 @@ from typing import Callable
 from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 
-from flows.tasks import LoopContext, hot_swap_task, open_review
+from flows.tasks import LoopContext, hot_swap_task, open_review, swap_config
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,12 @@ def _registry(ctx: LoopContext):
 def swap_back(ctx: LoopContext) -> dict | None:
     """Serve again what Triton served before the last swap (from the swap archive); None when nothing was."""
     from serving.client import ServingClient
-    from serving.export import ExportConfig
-    from serving.swap import SwapConfig, read_state, rollback
+    from serving.swap import read_state, rollback
 
     if len(read_state(ctx.repository, ctx.model)["history"]) < 2:
         return None
     client = ServingClient(ctx.triton_url, admin_key=ctx.admin_key, grpc_url=ctx.triton_grpc_url)
-    cfg = SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1))
-    return rollback(client, ctx.model, ctx.repository, cfg, steps=1).to_dict()
+    return rollback(client, ctx.model, ctx.repository, swap_config(ctx), steps=1).to_dict()
 
 
 @task(name="registry-promote", cache_policy=None)  # the registry retries transient store errors itself

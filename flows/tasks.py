@@ -43,6 +43,7 @@ class LoopContext:
     device: str = field(default="cpu", metadata={"help": "Training device."})
     teacher_url: str = field(default="", metadata={"help": "Triton HTTP host:port serving the teacher (instead of teacher_dir): no local teacher weights."})
     teacher_model: str = field(default="", metadata={"help": "The served teacher's model name (with teacher_url)."})
+    runtime: str = field(default="auto", metadata={"help": "What serves a classifier on CPU: auto (its ONNX graph, INT8 where gated) or torch."})
 
     @property
     def has_teacher(self) -> bool:
@@ -64,6 +65,14 @@ class LoopContext:
     @property
     def admin_key(self) -> str:
         return self.triton_key or os.environ.get("KDOPS_TRITON_ADMIN_KEY", "")
+
+
+def swap_config(ctx: LoopContext):
+    """How this loop's swaps export: its prediction log, one torch thread per instance, its serving runtime."""
+    from serving.export import ExportConfig
+    from serving.swap import SwapConfig
+
+    return SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1, runtime=ctx.runtime))
 
 
 @functools.lru_cache(maxsize=2)
@@ -188,12 +197,10 @@ def register(ctx: LoopContext, recipe, artifact: str, report: dict, distill_info
 @task(name="hot-swap", retries=1, retry_delay_seconds=[5], cache_policy=None)
 def hot_swap_task(ctx: LoopContext, artifact: str) -> dict:
     from serving.client import ServingClient
-    from serving.export import ExportConfig
-    from serving.swap import SwapConfig, hot_swap
+    from serving.swap import hot_swap
 
     client = ServingClient(ctx.triton_url, admin_key=ctx.admin_key, grpc_url=ctx.triton_grpc_url)
-    cfg = SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1))
-    return hot_swap(client, ctx.model, artifact, repo=ctx.repository, cfg=cfg).to_dict()
+    return hot_swap(client, ctx.model, artifact, repo=ctx.repository, cfg=swap_config(ctx)).to_dict()
 
 
 @task(name="open-review", cache_policy=None)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.monitor import current_champion, monitor_tick
-from flows.tasks import MODEL, LoopContext
+from flows.tasks import MODEL, LoopContext, swap_config
 from kdops.artifacts import Artifact
 from kdops.data import DataSchema
 from kdops.registry import Champion
@@ -54,6 +54,7 @@ class UpConfig:
     triton_key: str = field(default="", metadata={"help": "Model-control key of the attached Triton."})
     repository: str = field(default="", metadata={"help": "Triton model repository as seen from here; empty: <home>/triton-repo."})
     model: str = field(default=MODEL, metadata={"help": "Registered and served model name."})
+    runtime: str = field(default="auto", metadata={"help": "auto: a classifier on CPU serves its ONNX graph (INT8 where gated); torch: the torch student."})
     for_seconds: float | None = field(default=None, metadata={"help": "Stop after this many seconds; None: until a signal."})
     # new data and schedules (the project file's [data] and [schedule])
     watch_dir: str = field(default="", metadata={"help": "Directory where new data files land: each is ingested once and queued for the next scheduled round ('' : none)."})
@@ -203,7 +204,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             ctx = LoopContext(home=str(home), teacher_dir=cfg.teacher_dir, teacher_url=cfg.teacher_url,
                               teacher_model=cfg.teacher_model, tracking_uri=tracking_uri, triton_url=triton.url,
                               triton_grpc_url=triton.grpc_url, triton_key="", repository=str(repo),
-                              model=cfg.model, prediction_log=str(plog))
+                              model=cfg.model, prediction_log=str(plog), runtime=cfg.runtime)
             champion = current_champion.fn(ctx)
             version = champion.version if champion else None
             label_names = _deploy_champion(ctx, triton, champion, echo) if champion else None
@@ -295,8 +296,7 @@ def _check_scheduler_deps(echo) -> None:
 
 def _deploy_champion(ctx: LoopContext, triton, champion: Champion, echo) -> list[str]:
     """Serve the registry's champion on Triton unless the attached server already serves its weights."""
-    from serving.export import ExportConfig
-    from serving.swap import SwapConfig, deploy, read_state
+    from serving.swap import deploy, read_state
 
     art = Artifact.read(champion.artifact)
     history = read_state(ctx.repository, ctx.model)["history"]
@@ -307,7 +307,6 @@ def _deploy_champion(ctx: LoopContext, triton, champion: Champion, echo) -> list
                 return list(art.label_names)
         except Exception:  # the served artifact is gone or unreadable: deploy again
             pass
-    res = deploy(triton, ctx.model, art.path, ctx.repository,
-                 SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1)))
+    res = deploy(triton, ctx.model, art.path, ctx.repository, swap_config(ctx))
     echo(f"deployed champion v{champion.version} as {res.label} ({res.timings_s.get('total', 0):.1f} s)")
     return list(art.label_names)

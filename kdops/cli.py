@@ -178,6 +178,42 @@ def evaluate_cmd(
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
 
 
+@app.command("quantize")
+def quantize_cmd(
+    ctx: typer.Context,
+    student: Path = typer.Argument(..., help="Student artifact directory (the graphs are added to it)."),
+    data: str = typer.Option(None, help=f"Labelled data the INT8 graphs are gated on (default: kdops.toml's [data] test, else corpus:sentiment:test). {DATA_HELP}"),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the gate's figures here."),
+) -> None:
+    """Export a classifier student to ONNX (fp32, and INT8 per CPU family), gate each INT8 graph against the torch
+    student (>= 99 % label agreement, <= 0.5 points lost on any slice) and say which graph this CPU serves.
+
+    A round does this itself before registering a candidate; this is for a student made before, or by hand."""
+    setup()
+    from kdops import kinds
+    from kdops.artifacts import Artifact
+    from kdops.onnx_predict import choose_graph, int8_family
+
+    s = session(ctx)
+    art = Artifact.read(student)
+    spec = data or s.project.data.test or ("" if s.has_project else "corpus:sentiment:test")
+    rows = s.aligned(s.data(spec, what="test"), list(art.label_names) or None, spec)
+    art = kinds.get(art.kind).prepare_serving(art, rows)
+    meta = art.extra.get("onnx") or {}
+    if not meta.get("fp32"):
+        raise UserError(f"{student}: no ONNX graphs ({meta.get('skipped', f'a {art.kind.value} is served by torch')}).")
+    here = int8_family()
+    typer.echo(f"{'graph':<34}{'gate':>6}{'agreement':>11}{'worst slice':>13}  reason")
+    for family, g in meta["int8_gate"].items():
+        mark = " (this CPU)" if family == here else ""
+        typer.echo(f"{meta['int8'][family] + mark:<34}{'pass' if g['passed'] else 'FAIL':>6}{g['agreement']:>11.4f}"
+                   f"{g['max_drop_points']:>10.2f} pt  {g['reason']}")
+    choice = choose_graph(art)
+    typer.echo(f"served here: {choice.file} ({choice.runtime}: {choice.reason})")
+    if json_out:
+        json_out.write_text(json.dumps(meta, indent=2))
+
+
 @app.command("gate")
 def gate_cmd(
     candidate: Path = typer.Argument(..., help="Candidate EvalReport JSON."),

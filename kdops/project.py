@@ -125,6 +125,11 @@ class ScheduleSection:
 @dataclass(frozen=True)
 class ServeSection:
     model: str = field(default="kdops-student", metadata={"help": "Registered and served model name."})
+    runtime: str = field(default="auto", metadata={"help": "auto: a classifier on CPU serves its ONNX graph (INT8 where its accuracy gate passed); torch: the torch student."})
+
+    def __post_init__(self) -> None:
+        if self.runtime not in ("auto", "torch"):
+            raise ProjectError(f"[serve] runtime must be auto or torch, not {self.runtime!r}.")
 
 
 SECTIONS = {"task": TaskSection, "data": DataSection, "teacher": TeacherSection, "student": StudentSection,

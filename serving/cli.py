@@ -31,11 +31,17 @@ StreamingOption = typer.Option(False, "--streaming", help="Generation models: ex
                                "text as it is generated (`generate --stream`, gRPC streams, HTTP generate_stream).")
 
 
-def _swap_cfg(prediction_log, streaming: bool = False):
+RuntimeOption = typer.Option("auto", "--runtime", help="auto: a classifier with ONNX graphs (kdops.onnx_export) runs them on CPU "
+                             "(ONNX Runtime, INT8 where its gate passed, no torch in the stub); torch: the torch student.")
+
+
+def _swap_cfg(prediction_log, streaming: bool = False, runtime: str = "auto"):
     from serving.export import ExportConfig
     from serving.swap import SwapConfig
 
-    return SwapConfig(export=ExportConfig(prediction_log_dir=str(prediction_log or ""), streaming=streaming))
+    if runtime not in ("auto", "torch"):
+        raise typer.BadParameter("--runtime must be auto or torch")
+    return SwapConfig(export=ExportConfig(prediction_log_dir=str(prediction_log or ""), streaming=streaming, runtime=runtime))
 
 
 def _fail(e: Exception) -> None:
@@ -55,6 +61,7 @@ def serve(
     log_file: Path = typer.Option(None, help="Server log file (default: in a temporary work dir)."),
     prediction_log: Path = LogDirOption,
     streaming: bool = StreamingOption,
+    runtime: str = RuntimeOption,
 ) -> None:
     """Start the embedded tritonserver and keep it running until Ctrl-C."""
     from serving.server import ServerConfig, TritonServer
@@ -64,7 +71,7 @@ def serve(
                        metrics_port=metrics_port, admin_key=admin_key or "", log_file=str(log_file or ""))
     with TritonServer(cfg) as server:
         if student:
-            deploy(server, model, student, cfg=_swap_cfg(prediction_log, streaming))
+            deploy(server, model, student, cfg=_swap_cfg(prediction_log, streaming, runtime))
         typer.echo(json.dumps({"http": server.url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                                "log": str(server.log_path), "repository": str(server.repository)}))
         if not admin_key:
@@ -77,12 +84,12 @@ def serve(
 
 
 def _swap_cmd(note: str, student: Path, repository: Path, model: str, url, grpc_url, admin_key, prediction_log,
-              streaming: bool) -> None:
+              streaming: bool, runtime: str) -> None:
     from serving.swap import hot_swap
 
     try:
         typer.echo(json.dumps(hot_swap(_client(url, grpc_url, admin_key), model, student, repository,
-                                       _swap_cfg(prediction_log, streaming), note=note).to_dict()))
+                                       _swap_cfg(prediction_log, streaming, runtime), note=note).to_dict()))
     except Exception as e:
         _fail(e)
 
@@ -90,30 +97,32 @@ def _swap_cmd(note: str, student: Path, repository: Path, model: str, url, grpc_
 @app.command("deploy")
 def deploy_cmd(student: Path = typer.Argument(..., help="Student artifact dir."), repository: Path = RepoOption,
                model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
-               prediction_log: Path = LogDirOption, streaming: bool = StreamingOption) -> None:
+               prediction_log: Path = LogDirOption, streaming: bool = StreamingOption,
+               runtime: str = RuntimeOption) -> None:
     """Export a student and serve it under the model name (first deployment or a new version)."""
-    _swap_cmd("deploy", student, repository, model, url, grpc_url, admin_key, prediction_log, streaming)
+    _swap_cmd("deploy", student, repository, model, url, grpc_url, admin_key, prediction_log, streaming, runtime)
 
 
 @app.command("swap")
 def swap_cmd(student: Path = typer.Argument(..., help="New student artifact dir."), repository: Path = RepoOption,
              model: str = ModelOption, url: str = UrlOption, grpc_url: str = GrpcOption, admin_key: str = KeyOption,
-             prediction_log: Path = LogDirOption, streaming: bool = StreamingOption) -> None:
+             prediction_log: Path = LogDirOption, streaming: bool = StreamingOption,
+             runtime: str = RuntimeOption) -> None:
     """Hot swap: load beside the old version, verify, switch, unload the old. A failure keeps the old one."""
-    _swap_cmd("swap", student, repository, model, url, grpc_url, admin_key, prediction_log, streaming)
+    _swap_cmd("swap", student, repository, model, url, grpc_url, admin_key, prediction_log, streaming, runtime)
 
 
 @app.command("rollback")
 def rollback_cmd(repository: Path = RepoOption, model: str = ModelOption, url: str = UrlOption,
                  grpc_url: str = GrpcOption, admin_key: str = KeyOption,
                  steps: int = typer.Option(1, help="How many swaps back."), prediction_log: Path = LogDirOption,
-                 streaming: bool = StreamingOption) -> None:
+                 streaming: bool = StreamingOption, runtime: str = RuntimeOption) -> None:
     """Put a previous version back, by the same hot swap."""
     from serving.swap import rollback
 
     try:
         typer.echo(json.dumps(rollback(_client(url, grpc_url, admin_key), model, repository,
-                                       _swap_cfg(prediction_log, streaming), steps).to_dict()))
+                                       _swap_cfg(prediction_log, streaming, runtime), steps).to_dict()))
     except Exception as e:
         _fail(e)
 

@@ -133,3 +133,19 @@ def test_registry_tags_say_what_serves(prepared):
     assert tags[RUNTIME_TAG] == choose_graph(prepared).runtime
     assert set(json.loads(tags[INT8_TAG])) == {"vnni", "reduced"}
     assert serving_tags(Artifact(prepared.path, prepared.kind, {})) == {RUNTIME_TAG: "torch"}
+
+
+def test_quantize_command_reports_the_gate_and_a_corrupt_artifact_in_one_line(tiny_student_dir, tmp_path):
+    from test_project import kdops, one_line_error
+
+    d = tmp_path / "student"
+    shutil.copytree(tiny_student_dir, d)
+    pd.DataFrame({"text": TEXTS, "label": ["neg", "pos"] * 32}).to_csv(tmp_path / "test.csv", index=False)
+    res = kdops("quantize", str(d), "--data", str(tmp_path / "test.csv"), "--json", str(tmp_path / "gate.json"),
+                cwd=tmp_path, home=tmp_path / "home")
+    assert res.returncode == 0, res.stderr
+    assert "model.int8-vnni.onnx" in res.stdout and "served here: model." in res.stdout
+    assert set(json.loads((tmp_path / "gate.json").read_text())["int8_gate"]) == {"vnni", "reduced"}
+    (d / "kdops.json").write_text("{not json")
+    err = one_line_error(kdops("quantize", str(d), "--data", str(tmp_path / "test.csv"), cwd=tmp_path, home=tmp_path / "home"))
+    assert "kdops.json is not valid JSON" in err
