@@ -220,6 +220,8 @@ def main() -> None:
                          "the design before in-place reloads, as a baseline.")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads per model instance (0: torch default, all cores).")
+    ap.add_argument("--instances", type=int, default=1, help="Model instances (stub processes) per student slot and for the teacher (ExportConfig.instance_count).")
+    ap.add_argument("--onnx-threads", type=int, default=1, help="ONNX Runtime intra-op threads per instance.")
     ap.add_argument("--runtime", choices=("auto", "torch"), default="auto",
                     help="auto: the students serve their ONNX graphs (INT8 where gated; exported here if missing) and a torch copy of the "
                          "first is measured beside them; torch: the torch students only, as before ONNX.")
@@ -246,7 +248,8 @@ def main() -> None:
         CLIENT.update(kind=args.client, grpc_url=server.grpc_url)
         res["client"] = args.client
         cfg = SwapConfig(nice_loading=args.nice_loading, standby=not args.no_standby,
-                         export=ExportConfig(torch_threads=args.torch_threads, runtime=args.runtime))
+                         export=ExportConfig(torch_threads=args.torch_threads, runtime=args.runtime,
+                                             instance_count=args.instances, onnx_threads=args.onnx_threads))
         # Four arms, one artifact: batching off / on, each through the stable name clients use (the ensemble in
         # front of the hot-swap slots) and called directly (a plain model, no ensemble). The gain of record
         # compares the two stable-name arms, so batching is the only difference; the direct pair and the
@@ -257,7 +260,8 @@ def main() -> None:
         for name, export in (("direct_nobatch", nobatch_cfg.export), ("direct_batch", cfg.export)):
             export_artifact(students[0], server.repository, name, 1, replace(export, warmup=False))
             client.load(name)
-        deploy_teacher(server, teacher, "teacher")
+        # The teacher gets the students' instance count and threads: the ratio compares models, not configurations.
+        deploy_teacher(server, teacher, "teacher", cfg=replace(cfg.export, runtime="torch"))
         torch_arm = args.runtime == "auto"
         if torch_arm:  # the same student served by torch: what the ONNX runtime gains through Triton
             deploy(server, "student_torch", students[0], cfg=replace(cfg, export=replace(cfg.export, runtime="torch")))

@@ -134,9 +134,11 @@ class Artifact:
         max_length = int(d.get("max_length") or lineage.details.get("max_length") or 0)
         return cls(directory, kind, sha, lineage, tuple(d.get("label_names") or ()), max_length, extra)
 
-    def verify(self) -> None:
-        """Raise ArtifactError unless every recorded file exists with its recorded digest."""
+    def verify(self, names=None) -> None:
+        """Raise ArtifactError unless every recorded file (or each of ``names``) exists with its recorded digest."""
         for name, digest in self.sha256.items():
+            if names is not None and name not in names:
+                continue
             path = self.path / name
             if not path.is_file():
                 raise ArtifactError(f"{path} missing.")

@@ -196,6 +196,8 @@ def artifact_config(artifact: Artifact, name: str, label: str, cfg: ExportConfig
 
 
 def _copy_artifact(src: Path, dst: Path) -> None:
+    # Copies, not hard links: a new link changes the shared inode's ctime, and Triton then takes every slot holding
+    # that file for modified and re-loads it with a fresh stub when the ensemble in front is re-loaded.
     dst.mkdir(parents=True)
     for p in sorted(src.iterdir()):
         if p.is_file() and p.suffix in ALLOWED_SUFFIXES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -124,9 +125,16 @@ class ClassifierKind:
 
     def smoke_reference(self, artifact: Artifact, texts: list[str], max_tokens: int, onnx: bool = False):
         if onnx:
-            from kdops.onnx_predict import OnnxPredictor
-
-            return OnnxPredictor.from_dir(artifact.path, verify=False).predict_proba(texts)
+            return _onnx_reference(artifact.path, artifact.sha256.get("model.onnx", ""), tuple(texts))
         from kdops.predict import Predictor
 
         return Predictor.from_dir(artifact.path).predict_proba(texts)
+
+
+@functools.lru_cache(maxsize=8)
+def _onnx_reference(path: Path, digest: str, texts: tuple[str, ...]):
+    """An ONNX student's answers for the smoke texts, once per artifact: swaps back and forth between two versions
+    would otherwise build a session on the serving cores for every swap (``digest`` keys the cache by content)."""
+    from kdops.onnx_predict import OnnxPredictor
+
+    return OnnxPredictor.from_dir(path, verify=False).predict_proba(list(texts))
