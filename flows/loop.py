@@ -16,8 +16,8 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.promotion import act_on_decision
-from flows.tasks import (LoopContext, distill_round, evaluate, gate_task, load_teacher, log_monitor_run, open_review,
-                         register, serving_graphs, teacher_outputs, with_review_labels)
+from flows.tasks import (LoopContext, distill_round, evaluate, gate_reference, gate_task, load_teacher, log_monitor_run,
+                         open_review, register, serving_graphs, teacher_outputs, with_review_labels)
 from kdops import kinds
 from kdops.artifacts import Artifact
 from kdops.recipes import ClassifierRecipe, LMRecipe, resolve_recipe
@@ -55,13 +55,13 @@ def distill_flow(ctx: LoopContext, train_id: str | None = None, eval_id: str | N
     info = distill_round(ctx, recipe, train_id, Artifact.read(champion.artifact) if champion else None,
                          champion.version if champion else None, tuple(replay_ids or ()))
     report = evaluate(ctx, recipe, info["artifact"], eval_id, speed)
-    decision = gate_task(recipe, report, champion.report if champion else None)
+    decision = gate_task(recipe, report, gate_reference(ctx, champion, eval_id))
     log.info("gate: %s (%s)", decision.action, "; ".join(decision.reasons))
     if decision.action != "reject":
         served_as = serving_graphs(ctx, info["artifact"], eval_id)
         log.info("served as %s (%s)", served_as["runtime"], served_as["reason"])
     version = register(ctx, recipe, info["artifact"], report, info, {"train": train_id, "eval": eval_id})
-    summary = kind.summary(report)
+    summary = {**kind.summary(report), "eval_id": eval_id}  # the ledger's best per slice compares like with like
     out = {"version": version, "artifact": info["artifact"], "report": report, "summary": summary,
            "decision": asdict(decision), "distill": {k: v for k, v in info.items() if k != "history"},
            "train_snapshot": train_id}

@@ -44,6 +44,7 @@ class LoopContext:
     teacher_url: str = field(default="", metadata={"help": "Triton HTTP host:port serving the teacher (instead of teacher_dir): no local teacher weights."})
     teacher_model: str = field(default="", metadata={"help": "The served teacher's model name (with teacher_url)."})
     runtime: str = field(default="auto", metadata={"help": "What serves a classifier on CPU: auto (its ONNX graph, INT8 where gated) or torch."})
+    redact_texts: bool = field(default=False, metadata={"help": "The prediction log keeps texts' SHA-256 only."})
 
     @property
     def has_teacher(self) -> bool:
@@ -72,7 +73,8 @@ def swap_config(ctx: LoopContext):
     from serving.export import ExportConfig
     from serving.swap import SwapConfig
 
-    return SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1, runtime=ctx.runtime))
+    return SwapConfig(export=ExportConfig(prediction_log_dir=ctx.prediction_log, torch_threads=1, runtime=ctx.runtime,
+                                          prediction_log_redact=ctx.redact_texts))
 
 
 @functools.lru_cache(maxsize=2)
@@ -146,6 +148,18 @@ def evaluate(ctx: LoopContext, recipe, artifact: str, eval_snapshot_id: str, spe
     art = Artifact.read(artifact)
     return kinds.get(art.kind).evaluate(ctx.paths, art, load_teacher(ctx, art.kind),
                                         load_snapshot(ctx, eval_snapshot_id).rows, recipe, speed=speed)
+
+
+@task(name="gate-reference", cache_policy=None)
+def gate_reference(ctx: LoopContext, champion, eval_id: str) -> dict | None:
+    """The champion's summary the gate compares with, plus each slice's best promoted accuracy on the same
+    evaluation snapshot (``kdops.gate.slice_reference``)."""
+    if champion is None or champion.report is None:
+        return champion.report if champion else None
+    from kdops.registry import Registry
+
+    best = Registry(tracking_uri=ctx.uri).best_slices(ctx.model, eval_id)
+    return {**champion.report, "best_per_domain": best} if best else champion.report
 
 
 @task(name="gate", cache_policy=None)

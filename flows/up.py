@@ -55,6 +55,7 @@ class UpConfig:
     repository: str = field(default="", metadata={"help": "Triton model repository as seen from here; empty: <home>/triton-repo."})
     model: str = field(default=MODEL, metadata={"help": "Registered and served model name."})
     runtime: str = field(default="auto", metadata={"help": "auto: a classifier on CPU serves its ONNX graph (INT8 where gated); torch: the torch student."})
+    redact_texts: bool = field(default=False, metadata={"help": "The prediction log keeps texts' SHA-256 only."})
     for_seconds: float | None = field(default=None, metadata={"help": "Stop after this many seconds; None: until a signal."})
     # new data and schedules (the project file's [data] and [schedule])
     watch_dir: str = field(default="", metadata={"help": "Directory where new data files land: each is ingested once and queued for the next scheduled round ('' : none)."})
@@ -204,7 +205,8 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             ctx = LoopContext(home=str(home), teacher_dir=cfg.teacher_dir, teacher_url=cfg.teacher_url,
                               teacher_model=cfg.teacher_model, tracking_uri=tracking_uri, triton_url=triton.url,
                               triton_grpc_url=triton.grpc_url, triton_key="", repository=str(repo),
-                              model=cfg.model, prediction_log=str(plog), runtime=cfg.runtime)
+                              model=cfg.model, prediction_log=str(plog), runtime=cfg.runtime,
+                              redact_texts=cfg.redact_texts)
             champion = current_champion.fn(ctx)
             version = champion.version if champion else None
             label_names = _deploy_champion(ctx, triton, champion, echo) if champion else None

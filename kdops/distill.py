@@ -153,9 +153,13 @@ def _default_layer_map(n_student: int, n_teacher: int) -> tuple[tuple[int, int],
 
 
 class RowBatches:
-    """Length-bucketed batches of row indices. Each epoch: an order (a permutation, or the curriculum's pick by
-    teacher entropy), sorted by length within chunks of 50 batches, then the batches shuffled; one seeded numpy
-    generator draws all of it (a checkpoint keeps its state)."""
+    """Batches of row indices, one seeded numpy generator drawing all of them (a checkpoint keeps its state).
+
+    Without a curriculum: a permutation each epoch, sorted by length within chunks of 50 batches (little padding),
+    then the batches shuffled. With one: every batch draws ``hard_share(p)`` of its rows from the hard pool (teacher
+    entropy above the median) and the rest from the easy pool, ``p`` being that batch's own share of training, so the
+    realized hard share rises over training as the schedule says (each pool is drawn without replacement until it
+    runs out, then reshuffled); batches stay in schedule order and are not length-bucketed."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, difficulty: np.ndarray | None = None,
                  curriculum: Curriculum | None = None):
@@ -163,12 +167,11 @@ class RowBatches:
         self.difficulty, self.curriculum = difficulty, curriculum
         self.batches_per_epoch = math.ceil(len(lengths) / batch_size)
 
-    def epoch(self, epoch: int, progress: float) -> list[np.ndarray]:
+    def epoch(self, epoch: int, progress: float, batch_share: float = 0.0) -> list[np.ndarray]:
         n = len(self.lengths)
         if self.curriculum is not None and self.difficulty is not None:
-            order = np.asarray(self.curriculum.select(self.difficulty, progress, n, self.rng))
-        else:
-            order = self.rng.permutation(n)
+            return self._curriculum(progress, batch_share)
+        order = self.rng.permutation(n)
         chunk, batches = self.bs * 50, []
         for s in range(0, len(order), chunk):
             part = order[s:s + chunk]
@@ -177,11 +180,42 @@ class RowBatches:
         self.rng.shuffle(batches)
         return batches
 
+    def _curriculum(self, progress: float, batch_share: float) -> list[np.ndarray]:
+        is_hard = self.difficulty > np.median(self.difficulty)
+        pools = {True: _Pool(np.flatnonzero(is_hard), self.rng), False: _Pool(np.flatnonzero(~is_hard), self.rng)}
+        n, batches = len(self.lengths), []
+        for b in range(self.batches_per_epoch):
+            size = min(self.bs, n - b * self.bs)
+            k = round(self.curriculum.hard_share(progress + b * batch_share) * size)
+            k = size if not pools[False] else 0 if not pools[True] else k  # one pool empty: all rows equal
+            batches.append(np.concatenate([pools[True].take(k), pools[False].take(size - k)]).astype(np.int64))
+        return batches
+
     def state(self) -> dict:
         return self.rng.bit_generator.state
 
     def load_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
+
+
+class _Pool:
+    """Row indices drawn without replacement, reshuffled when used up."""
+
+    def __init__(self, rows: np.ndarray, rng: np.random.Generator):
+        self.rows, self.rng, self.left = rows, rng, rows[:0]
+
+    def __bool__(self) -> bool:
+        return bool(self.rows.size)
+
+    def take(self, k: int) -> np.ndarray:
+        out = []
+        while k > 0:
+            if not self.left.size:
+                self.left = self.rng.permutation(self.rows)
+            out.append(self.left[:k])
+            k -= len(out[-1])
+            self.left = self.left[len(out[-1]):]
+        return np.concatenate(out) if out else self.rows[:0]
 
 
 class ClassifierLoss:

@@ -60,8 +60,23 @@ class _Checks:
         return Decision("promote", tuple(self.ok) or ("no thresholds to check",))
 
 
+def slice_reference(dom: str, champion: dict, candidate: dict) -> tuple[float, str]:
+    """What a slice must not fall below (before the tolerance): the champion's accuracy, or the slice's best promoted
+    accuracy (``champion["best_per_domain"]``) capped at the teacher's on that slice when that is higher. Against the
+    champion alone, rounds that each lose a little within tolerance add up; against the best they cannot."""
+    ref, what = champion["per_domain"][dom]["accuracy"], "champion"
+    best = (champion.get("best_per_domain") or {}).get(dom)
+    if best is not None:
+        teacher = (candidate.get("teacher_per_domain") or {}).get(dom, {}).get("accuracy")
+        capped = min(best, teacher) if teacher is not None else best
+        if capped > ref:
+            ref, what = capped, "best promoted" if capped == best else "teacher"
+    return ref, what
+
+
 def gate(candidate: dict, champion: dict | None, th: GateThresholds = GateThresholds()) -> Decision:
-    """Decide on ``candidate`` (an ``EvalReport.to_dict()``) against the serving ``champion`` (or None)."""
+    """Decide on ``candidate`` (an ``EvalReport.to_dict()``) against the serving ``champion``'s summary (or None),
+    which may carry each slice's best promoted accuracy (``best_per_domain``)."""
     check = _Checks(th.review_band)
     hard = check.hard
 
@@ -74,7 +89,8 @@ def gate(candidate: dict, champion: dict | None, th: GateThresholds = GateThresh
                 continue
             if min(m.get("n", 0), cand.get("n", 0)) < th.min_slice_rows:
                 continue
-            check(f"slice {dom!r} accuracy", cand["accuracy"], m["accuracy"] - th.max_slice_drop, True)
+            ref, what = slice_reference(dom, champion, candidate)
+            check(f"slice {dom!r} accuracy (vs {what} {ref:.4f})", cand["accuracy"], ref - th.max_slice_drop, True)
     if th.max_p99_ms is not None:
         p99 = candidate.get("latency", {}).get("batch1", {}).get("p99_ms")
         if p99 is None:

@@ -11,7 +11,11 @@ Why this shape:
 - each batch is one ``write`` plus ``flush`` (no fsync: a server crash loses at most the batch in the
   OS page cache of a dead machine, not of a dead process); the hot-path cost is one syscall per batch;
 - a shard rolls over past ``max_bytes`` so readers and retention work on closed files;
-- a reader skips a torn last line (a writer killed mid-write), never fails on it.
+- a reader skips a torn last line (a writer killed mid-write), never fails on it;
+- retention (``prune``) removes whole closed shards, oldest first, past an age or a total size; each writer prunes
+  when it opens a shard, so the log stays bounded with no service of its own;
+- ``redact``: texts are stored as their SHA-256 only (``text`` then holds ``sha256:<hex>``): nothing a user sent is
+  kept, at the price of the text-based drift checks, which then have nothing to read.
 
 This module imports only the standard library and pandas (lazily): ``model.py`` inside Triton and the
 monitoring package both import it.
@@ -19,6 +23,7 @@ monitoring package both import it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -29,18 +34,60 @@ from typing import Sequence
 COLUMNS = ["time", "text", "probabilities", "label", "model", "model_version", "source"]
 
 
-class PredictionLogWriter:
-    """Append-only writer for one process. Not thread-safe: one writer per thread or process."""
+# A shard written to within this long may belong to a live writer: retention leaves it alone.
+ACTIVE_S = 300.0
 
-    def __init__(self, directory: str | Path, source: str, max_bytes: int = 64 << 20):
+
+def prune(directory: str | Path, max_total_bytes: int | None = None, max_age_s: float | None = None,
+          now: float | None = None) -> list[Path]:
+    """Remove closed shards older than ``max_age_s``, then the oldest until the rest fit ``max_total_bytes``; a shard
+    written to in the last ``ACTIVE_S`` seconds is kept whatever its size. Returns what was removed."""
+    directory, now = Path(directory), time.time() if now is None else now
+    shards = []
+    for p in directory.glob("*.jsonl"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # another writer pruned it first
+            continue
+        shards.append((st.st_mtime, st.st_size, p))
+    shards.sort()
+    total, removed = sum(size for _, size, _ in shards), []
+    for mtime, size, p in shards:
+        if now - mtime < ACTIVE_S:
+            break  # this one and every newer one may still be written
+        if (max_age_s is not None and now - mtime > max_age_s) or (max_total_bytes is not None and total > max_total_bytes):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            total -= size
+            removed.append(p)
+    return removed
+
+
+def redacted(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class PredictionLogWriter:
+    """Append-only writer for one process. Not thread-safe: one writer per thread or process.
+
+    ``max_total_bytes`` / ``max_age_s``: the whole directory's retention, applied when a shard opens (None: keep all).
+    ``redact``: store each text's SHA-256 instead of the text."""
+
+    def __init__(self, directory: str | Path, source: str, max_bytes: int = 64 << 20,
+                 max_total_bytes: int | None = None, max_age_s: float | None = None, redact: bool = False):
         if not source or "/" in source:
             raise ValueError(f"source must be a non-empty file-name-safe string, got {source!r}")
         self.directory, self.source, self.max_bytes = Path(directory), source, max_bytes
+        self.max_total_bytes, self.max_age_s, self.redact = max_total_bytes, max_age_s, redact
         self._seq, self._fh = 0, None
         self._stamp = int(time.time() * 1000)
 
     def _open(self):
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.max_total_bytes is not None or self.max_age_s is not None:
+            prune(self.directory, self.max_total_bytes, self.max_age_s)
         name = f"{self.source}-{os.getpid()}-{self._stamp}-{self._seq:05d}.jsonl"
         # Line-buffering is not enough under load (a line per syscall); we write whole batches ourselves.
         self._fh = open(self.directory / name, "a", encoding="utf-8")
@@ -55,7 +102,7 @@ class PredictionLogWriter:
             raise ValueError("texts, probabilities and labels must have the same length")
         ts = time.time() if ts is None else ts
         lines = [
-            json.dumps({"ts": ts, "text": t, "probabilities": [round(float(x), 6) for x in p], "label": lab,
+            json.dumps({"ts": ts, "text": redacted(t) if self.redact else t, "probabilities": [round(float(x), 6) for x in p], "label": lab,
                         "model": model, "model_version": model_version}, ensure_ascii=False)
             for t, p, lab in zip(texts, probabilities, labels)
         ]

@@ -126,6 +126,7 @@ class ScheduleSection:
 class ServeSection:
     model: str = field(default="kdops-student", metadata={"help": "Registered and served model name."})
     runtime: str = field(default="auto", metadata={"help": "auto: a classifier on CPU serves its ONNX graph (INT8 where its accuracy gate passed); torch: the torch student."})
+    redact_texts: bool = field(default=False, metadata={"help": "The prediction log keeps each text's SHA-256, not the text (drift checks on text then have nothing to read)."})
 
     def __post_init__(self) -> None:
         if self.runtime not in ("auto", "torch"):

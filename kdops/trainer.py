@@ -68,8 +68,9 @@ class TrainerConfig:
 class BatchSource(Protocol):
     batches_per_epoch: int | None  # micro-batches in one epoch over all processes; None: an endless stream
 
-    def epoch(self, epoch: int, progress: float) -> Iterable[Any]:
-        """The micro-batches of ``epoch`` (``progress``: share of steps done when it starts); ``len(batch)`` rows each."""
+    def epoch(self, epoch: int, progress: float, batch_share: float) -> Iterable[Any]:
+        """The micro-batches of ``epoch``; ``len(batch)`` rows each. ``progress``: the share of training done when
+        it starts; each micro-batch drawn adds ``batch_share`` (over all processes and accumulation steps)."""
 
     def state(self) -> dict:
         """JSON state of the source's RNG."""
@@ -236,7 +237,8 @@ class _Fit:
             s.source, s.epoch_loss = self.source.state(), 0.0
         if self.on_epoch_start is not None:
             self.on_epoch_start(epoch)
-        drawn = self.source.epoch(epoch, s.epoch_start_step / max(1, self.total))
+        per_batch = 1.0 / (max(1, self.total) * cfg.grad_accum * acc.num_processes)
+        drawn = self.source.epoch(epoch, s.epoch_start_step / max(1, self.total), per_batch)
         mine = itertools.islice(drawn, acc.process_index, None, acc.num_processes)  # this process's share
         it = itertools.islice(mine, s.batches_done, None)  # skip what a resumed run already trained on
         while s.step < self.total and not s.stopped:

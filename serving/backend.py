@@ -105,7 +105,10 @@ class Stub:
         if s.param("kdops_prediction_log_dir"):
             from kdops.prediction_log import PredictionLogWriter
 
-            self.log = PredictionLogWriter(s.param("kdops_prediction_log_dir"), s.log_source)
+            mb, days = s.number("kdops_prediction_log_max_mb", 0), float(s.param("kdops_prediction_log_max_days", "0"))
+            self.log = PredictionLogWriter(s.param("kdops_prediction_log_dir"), s.log_source,
+                                           max_total_bytes=mb << 20 if mb else None, max_age_s=days * 86400 if days else None,
+                                           redact=s.param("kdops_prediction_log_redact", "0") == "1")
 
     def reloadable(self, load: Callable[[Path, str], Any], install: Callable[[Any], None]) -> Any:
         """Build the predictor with ``load(artifact, version)`` (from the last in-place reload when its artifact is
@@ -167,7 +170,7 @@ class Batch:
         for each good request's rows ``[a, b)``. A failing ``run`` fails every good request with its message.
         Returns ``(responses, result)``; ``result`` is None when nothing ran."""
         pb = _pb()
-        responses = [error_response(self.errors[i]) if i in self.errors else None for i in range(self.size)]
+        responses = [error_response(self.errors[i], client=True) if i in self.errors else None for i in range(self.size)]
         if not self.rows:
             return responses, None
         try:
@@ -181,9 +184,12 @@ class Batch:
         return responses, result
 
 
-def error_response(message: str):
+def error_response(message: str, client: bool = False):
+    """An error response: ``client`` for a request that cannot be answered as sent (Triton's INVALID_ARG, HTTP 400),
+    otherwise a server fault (INTERNAL, HTTP 500)."""
     pb = _pb()
-    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message))
+    code = pb.TritonError.INVALID_ARG if client else pb.TritonError.INTERNAL
+    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, code))
 
 
 def values(request, name: str) -> list | None:

@@ -59,6 +59,9 @@ class ExportConfig:
     max_chars: int = field(default=20_000, metadata={"help": "Longer texts get an error response, not a prediction."})
     warmup: bool = field(default=True, metadata={"help": "Send warm-up requests before the model is marked ready."})
     prediction_log_dir: str = field(default="", metadata={"help": "Directory for the prediction log (empty: off)."})
+    prediction_log_max_mb: int = field(default=1024, metadata={"help": "The prediction log's size limit: older shards are removed past it (0: no limit)."})
+    prediction_log_max_days: float = field(default=30.0, metadata={"help": "Shards older than this are removed (0: kept)."})
+    prediction_log_redact: bool = field(default=False, metadata={"help": "Log each text's SHA-256 instead of the text (text-based drift checks then have nothing to read)."})
     dlpack_outputs: bool = field(default=False, metadata={"help": "Return float outputs through DLPack even on CPU with numpy 1 (on a GPU or with numpy 2 they always are): lets a CPU run exercise the GPU container's output path."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation models: the most new tokens a request may ask for."})
     default_max_tokens: int = field(default=32, metadata={"help": "Generation models: new tokens when a request sends no MAX_TOKENS."})
@@ -188,7 +191,10 @@ def artifact_config(artifact: Artifact, name: str, label: str, cfg: ExportConfig
     if cfg.dlpack_outputs:
         params["kdops_dlpack_outputs"] = "1"
     if cfg.prediction_log_dir:
-        params["kdops_prediction_log_dir"] = str(Path(cfg.prediction_log_dir).resolve())
+        params.update(kdops_prediction_log_dir=str(Path(cfg.prediction_log_dir).resolve()),
+                      kdops_prediction_log_max_mb=cfg.prediction_log_max_mb,
+                      kdops_prediction_log_max_days=cfg.prediction_log_max_days,
+                      kdops_prediction_log_redact=int(cfg.prediction_log_redact))
     return model_config(name, cfg, spec, params, decoupled=streams(spec, cfg))
 
 

@@ -218,3 +218,30 @@ def test_gate_decisions():
     assert d.action == "reject" and "slice 'm'" in d.reasons[0]
     assert gate(_report(0.99, {"m": 0.9, "t": 0.8}, p99=50), champ, th).action == "reject"
     assert gate(_report(0.99, {"m": 0.9}), champ, th).action == "reject"  # slice missing
+
+
+def test_gate_holds_each_slice_to_its_best_promoted_accuracy_capped_by_the_teacher():
+    """Round after round, each losing 0.8 points on slice m (within the 1-point tolerance against the champion):
+    against the champion alone the losses add up; against m's best promoted accuracy the third round is stopped."""
+    from kdops.registry.ledger import best_slices
+
+    th = GateThresholds(min_retention=0.97, max_slice_drop=0.01, review_band=0.0)
+    ledger, champion, accs = [], None, [0.900, 0.892, 0.884]
+    for i, acc in enumerate(accs):
+        report = {**_report(0.99, {"m": acc}), "teacher_per_domain": {"m": {"accuracy": 0.95}}}
+        reference = None if champion is None else {**champion, "best_per_domain": best_slices(ledger, "eval-1")}
+        d = gate(report, reference, th)
+        if i < 2:
+            assert d.action == "promote", d.reasons
+            summary = {"per_domain": report["per_domain"], "eval_id": "eval-1"}
+            ledger.append({"action": "promote", "version": i + 1, "report_summary": summary})
+            champion = summary
+        else:
+            assert d.action == "reject" and "vs best promoted 0.9000" in d.reasons[0], d.reasons
+    assert gate(report, champion, th).action == "promote"  # the old rule: against the last champion only
+    # promotions evaluated on other data do not count, and a best above the teacher is held to the teacher
+    assert best_slices(ledger + [{"action": "promote", "report_summary": {"per_domain": {"m": {"accuracy": 0.99}},
+                                                                          "eval_id": "eval-2"}}], "eval-1") == {"m": 0.9}
+    lucky = {**champion, "best_per_domain": {"m": 0.97}}
+    d = gate({**report, "per_domain": {"m": {"accuracy": 0.941, "n": 100}}}, lucky, th)
+    assert d.action == "promote" and "vs teacher 0.9500" in d.reasons[1]

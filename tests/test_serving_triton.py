@@ -6,6 +6,7 @@ One server for the module (start ~2 s, each slot load ~3-10 s on 2 busy cores).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -134,6 +135,16 @@ def test_bad_requests_get_errors_and_model_keeps_serving(served):
     with pytest.raises(Exception, match="(?i)datatype|type"):
         client.http.infer("student", [wrong])
     assert client.infer("student", ["still good"]).probabilities.shape == (1, 2)
+    # a client's mistake is a 400 over plain HTTP (the backend's INVALID_ARG), not a server fault
+    import urllib.error
+    import urllib.request
+
+    body = {"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["  "]}]}
+    req = urllib.request.Request(f"http://{server.url}/v2/models/student/infer", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400 and "empty" in err.value.read().decode()
 
 
 def test_hot_swap_under_load_broken_version_and_rollback(served, second_student, tiny_student_dir, tmp_path):

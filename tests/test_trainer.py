@@ -22,7 +22,7 @@ class Rows:
         self.n, self.bs, self.rng, self.endless = n, batch_size, np.random.default_rng(seed), endless
         self.batches_per_epoch = None if endless else math.ceil(n / batch_size)
 
-    def epoch(self, epoch, progress):
+    def epoch(self, epoch, progress, batch_share):
         if self.endless:
             return self._stream()
         order = self.rng.permutation(self.n)
@@ -183,7 +183,7 @@ def test_lm_batches_hold_the_replay_fraction():
     from kdops.lm.distill import LMDistillConfig, SequenceBatches
 
     source = SequenceBatches(n_new=10, n_old=5, n_gens=3, cfg=LMDistillConfig(batch_size=8, replay_fraction=0.25))
-    batches = [b for b, _ in zip(source.epoch(0, 0.0), range(50))]
+    batches = [b for b, _ in zip(source.epoch(0, 0.0, 0.01), range(50))]
     assert {sum(i >= 10 for i in b.idx) for b in batches} == {2}  # round(0.25 * 8) replayed rows in every batch
     assert {len(b.idx) for b in batches} == {8} and {len(b.picks) for b in batches} == {2}
 
@@ -227,3 +227,31 @@ def test_lm_round_resumes_from_its_checkpoint(tmp_path, tiny_lm_tokenizer, monke
     assert out["history"] == ref["history"] and len(out["history"]) == 9
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_curriculum_hard_share_rises_stage_by_stage_through_the_trainer():
+    """distill's batch source with the curriculum on, drawn by the trainer (4 epochs, gradient accumulation 2): the
+    realized share of hard rows (teacher entropy above the median) per fifth of training follows 20 % -> 80 %."""
+    from kdops.distill import RowBatches
+    from kdops.schedules import Curriculum
+
+    n = 400
+    difficulty = np.random.default_rng(1).random(n)
+    hard = difficulty > np.median(difficulty)
+    source = RowBatches(np.full(n, 10), 8, seed=3, difficulty=difficulty, curriculum=Curriculum(0.2, 0.8))
+    seen = []
+
+    def recording(m, idx, progress):
+        seen.append((progress, hard[idx].mean()))
+        return mse(m, np.asarray(idx) % 20, progress)
+
+    Trainer(TrainerConfig(epochs=4, grad_accum=2, device="cpu")).fit(model(), source, recording, progress=False)
+    assert len(seen) == 4 * 50  # every micro-batch of every epoch
+    share = [float(np.mean([h for _, h in seen[i * 40:(i + 1) * 40]])) for i in range(5)]
+    expected = [0.2 + 0.6 * (i + 0.5) / 5 for i in range(5)]  # the schedule at each fifth's middle
+    assert np.allclose(share, expected, atol=0.04), share
+    assert share == sorted(share) and share[0] < 0.3 and share[-1] > 0.7
+    # without a curriculum the same source is a shuffled pass over the rows: half of them hard throughout
+    plain = RowBatches(np.full(n, 10), 8, seed=3)
+    rows = np.concatenate(plain.epoch(0, 0.0, 0.01))
+    assert sorted(rows.tolist()) == list(range(n))

@@ -103,7 +103,7 @@ class SequenceBatches:
         self.old_per_batch = int(round(cfg.replay_fraction * cfg.batch_size)) if n_old else 0
         self.rng = random.Random(cfg.seed)
 
-    def epoch(self, epoch: int, progress: float):
+    def epoch(self, epoch: int, progress: float, batch_share: float):
         rng = self.rng
         while True:
             idx = rng.sample(range(self.n_new), min(self.bs - self.old_per_batch, self.n_new))

@@ -43,6 +43,19 @@ def promoted_summary(entries: list[dict], version: int) -> dict | None:
     return (made[-1].get("report_summary") or None) if made else None
 
 
+def best_slices(entries: list[dict], eval_id: str) -> dict[str, float]:
+    """Each slice's best accuracy among the promotions evaluated on snapshot ``eval_id`` (others are not comparable)."""
+    best: dict[str, float] = {}
+    for e in entries:
+        s = e.get("report_summary") or {}
+        if e.get("action") != "promote" or s.get("eval_id") != eval_id:
+            continue
+        for dom, m in (s.get("per_domain") or {}).items():
+            if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float)):
+                best[dom] = max(best.get(dom, 0.0), float(m["accuracy"]))
+    return best
+
+
 def replaced_by(entries: list[dict], version: int) -> int | None:
     """The champion that the latest promotion of ``version`` replaced (where a rollback goes), or None."""
     made = [e for e in entries if e.get("action") == "promote" and e.get("version") == int(version)]

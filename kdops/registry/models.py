@@ -52,6 +52,10 @@ class Registry(Versions):
         return Champion(version, self.download(name, version, dst=download_dir),
                         _ledger.promoted_summary(self.ledger(name), version), decode_lineage(mv.tags))
 
+    def best_slices(self, name: str, eval_id: str) -> dict[str, float]:
+        """Each slice's best promoted accuracy on evaluation snapshot ``eval_id`` (what the gate holds a slice to)."""
+        return _ledger.best_slices(self.ledger(name), eval_id)
+
     # -- aliases -------------------------------------------------------------------------------
 
     def set_alias(self, name: str, alias: str, version: int | str) -> None:

@@ -78,7 +78,7 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [r.get_response_sender() for r in requests]
         for i, msg in batch.errors.items():
-            senders[i].send(error_response(msg), flags=final)
+            senders[i].send(error_response(msg, client=True), flags=final)
         if not batch.rows:
             return
         owner = {}  # row of the batch -> (request, row within it, rows in it)

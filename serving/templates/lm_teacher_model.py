@@ -60,7 +60,7 @@ class TritonPythonModel:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
             except Exception as e:  # a bad request fails alone; the model keeps serving
-                responses.append(error_response(f"{self.stub.settings.model}: bad request: {e}"))
+                responses.append(error_response(f"{self.stub.settings.model}: bad request: {e}", client=True))
         return responses
 
     def finalize(self):
