@@ -82,3 +82,35 @@ class PrefectServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def reconcile_orphaned_runs(tags: tuple[str, ...] = ("kdops",)) -> list[str]:
+    """Flow runs of the tagged deployments that a stopped ``kdops up`` left PENDING, RUNNING or CANCELLING, moved to
+    CANCELLED; returns their names. Their runner was the stopped process, so none is alive, and a PENDING one holds
+    its deployment's concurrency slot for good: with ``CANCEL_NEW`` every later scheduled run is then cancelled on
+    arrival and the monitor never ticks again. Leaving PENDING through the orchestration rules releases the slot; a
+    run the server will not move is deleted, which frees it too. Call it before serving, against the current API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterTags, FlowRunFilter,
+                                                FlowRunFilterDeploymentId, FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import DeploymentSort, FlowRunSort
+    from prefect.states import Cancelled
+
+    stuck = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+    done = []
+    with get_client(sync_client=True) as client:
+        deps = client.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=list(tags))),
+                                       sort=DeploymentSort.NAME_ASC, limit=200)  # the server refuses no sort
+        if not deps:
+            return done
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[d.id for d in deps]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=stuck))), sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=200)
+        for run in runs:
+            result = client.set_flow_run_state(run.id, Cancelled(message="its kdops up stopped; reconciled at start-up"))
+            if result.status.value != "ACCEPT":
+                client.delete_flow_run(run.id)
+            done.append(run.name)
+    return done

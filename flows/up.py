@@ -171,7 +171,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.services import PrefectServer
+    from flows.services import PrefectServer, reconcile_orphaned_runs
     from flows.status import announce, withdraw
     from kdops.paths import Home
     from serving.server import ServerConfig, TritonServer
@@ -194,6 +194,10 @@ def run_up(cfg: UpConfig, echo=print) -> None:
         with ExitStack() as stack:
             prefect = stack.enter_context(PrefectServer(home))
             stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.url}))
+            if not prefect.external:  # only this process ever ran the embedded server's deployments
+                orphans = reconcile_orphaned_runs()
+                if orphans:
+                    echo(f"reconciled {len(orphans)} run(s) a previous kdops up left unfinished: {', '.join(orphans)}")
             announce(paths, prefect_api=prefect.url, model=cfg.model, watch=cfg.watch_dir)
             stack.callback(withdraw, paths)
             triton = stack.enter_context(TritonServer(ServerConfig(

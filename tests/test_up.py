@@ -305,3 +305,71 @@ def test_kdops_up_serves_deployments_and_stops_on_sigterm(tmp_path):
     while any(_alive(p) for p in servers) and time.time() < deadline:
         time.sleep(0.2)
     assert not [p for p in servers if _alive(p)], "servers outlived kdops up"
+    _restart_after_sigkill_with_a_stuck_run(tmp_path, env)
+
+
+def _start_up(tmp_path: Path, env: dict, name: str):
+    """``kdops up`` on the test's home (5 s monitor interval); returns (process, log path, Prefect API URL)."""
+    log = tmp_path / f"{name}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--interval", "5", "--for-seconds", "170"],
+                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=tmp_path)
+    url, deadline = None, time.time() + 120
+    while url is None and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        m = re.search(r"Prefect API: (\S+)", log.read_text(errors="replace"))
+        url = m.group(1) if m else None
+        time.sleep(0.5)
+    assert url, log.read_text()[-3000:]
+    return proc, log, url
+
+
+def _ticks_after(url: str, t0: float, timeout: float) -> list:
+    """Monitor runs that started after ``t0`` and completed, waiting up to ``timeout`` s for one."""
+    deadline, done = time.time() + timeout, []
+    while not done and time.time() < deadline:
+        _, runs = asyncio.run(_api_view(url))
+        done = [r for r in runs if r.state_type.value == "COMPLETED" and r.start_time and r.start_time.timestamp() > t0]
+        time.sleep(1)
+    return done
+
+
+def _plant_pending_tick(url: str) -> str:
+    """What a killed runner leaves behind: a kdops-monitor run moved to PENDING (it holds the one concurrency slot)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Pending
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("monitor_tick/kdops-monitor")
+        run = client.create_flow_run_from_deployment(dep.id, name="stuck-submission")
+        client.set_flow_run_state(run.id, Pending())
+        assert client.read_flow_run(run.id).state.type.value == "PENDING"
+        return run.name
+
+
+def _restart_after_sigkill_with_a_stuck_run(tmp_path: Path, env: dict) -> None:
+    """Started again on the same home, killed with SIGKILL while a tick is stuck in PENDING, started once more: the
+    last start reconciles the stuck run and the monitor ticks again within two intervals of serving."""
+    proc, log, url = _start_up(tmp_path, env, "up2")
+    try:
+        assert _ticks_after(url, time.time() - 1, 60), log.read_text()[-3000:]  # the restarted service ticks
+        _plant_pending_tick(url)
+        time.sleep(7)  # a scheduled tick meets the stuck one: cancelled on arrival, as the issue saw
+        _, runs = asyncio.run(_api_view(url))
+        assert any(r.state_type.value == "CANCELLED" for r in runs), [(r.name, r.state_name) for r in runs]
+        proc.kill()
+        proc.wait(30)
+        proc, log, url = _start_up(tmp_path, env, "up3")
+        text = log.read_text(errors="replace")
+        assert "reconciled 1 run(s) a previous kdops up left unfinished: stuck-submission" in text, text[-3000:]
+        serving = time.time()
+        ticks = _ticks_after(url, serving - 5, 2 * 5 + 20)
+        assert ticks, log.read_text()[-3000:]
+        assert min(r.start_time.timestamp() for r in ticks) - serving <= 2 * 5 + 5  # within 2 intervals (+ start slack)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(45)
+            except subprocess.TimeoutExpired:
+                proc.kill()
