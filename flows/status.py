@@ -119,7 +119,21 @@ def status(home: Home, model: str = MODEL, api_url: str | None = None, tracking_
             "schedules": sched,
             "queue": [{**asdict(q), "at": _iso(q.at)} for q in queue.queued],
             "failed_files": failed,
-            "last_round": {**asdict(last), "snapshots": list(last.snapshots), "at": _iso(last.at)} if last else None}
+            "last_round": {**asdict(last), "snapshots": list(last.snapshots), "at": _iso(last.at)} if last else None,
+            "last_window": _last_window(home)}
+
+
+def _last_window(home: Home) -> dict | None:
+    """The monitor's last checked window: when, its verdict and action, the student's label-free estimated accuracy."""
+    path = home.monitoring / "history.jsonl"
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        row = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+    if row is None:
+        return None
+    return {k: row.get(k) for k in ("timestamp", "window_id", "decision", "action", "estimated_acc")}
 
 
 def _ago(seconds: float | None) -> str:
@@ -164,6 +178,11 @@ def format_status(st: dict) -> list[str]:
                      f"v{r['version']} {r['decision']} ({r['recipe']}, {r['seconds']:.0f} s)")
     else:
         lines.append(f"last scheduled round: {r['at']} FAILED: {r['error']} ({len(r['snapshots'])} snapshot(s) kept queued)")
+    w = st.get("last_window")
+    if w:
+        est = w.get("estimated_acc")
+        lines.append(f"last monitored window: {w['timestamp']} {w['decision']} -> {w['action']}"
+                     + (f"; estimated student accuracy {est:.3f} (no labels: the teacher's view)" if isinstance(est, float) else ""))
     return lines
 
 

@@ -264,6 +264,8 @@ def log_monitor_run(ctx: LoopContext, history_row: dict, rows: int) -> str:
             "kdops.fired": ",".join(history_row.get("reasons", []))[:500]}
     with Tracking(tracking_uri=ctx.uri).run(name, experiment="kdops-monitoring", tags=tags) as run:
         metrics = {"rows": float(rows)}
+        if isinstance(history_row.get("estimated_acc"), float) and math.isfinite(history_row["estimated_acc"]):
+            metrics["estimated_acc"] = history_row["estimated_acc"]  # the student's accuracy without labels
         for test, r in history_row.get("tests", {}).items():
             for k in ("statistic", "p_value"):
                 v = r.get(k)

@@ -182,24 +182,58 @@ def prediction_tests(ref: ReferenceProfile, current: pd.DataFrame, config: Monit
     ]
 
 
-def disagreement_test(current: pd.DataFrame, config: MonitorConfig, teacher: TeacherFn | None) -> list[TestResult]:
-    """The teacher re-labels a seeded sample of the window; compared with what the student served."""
+def teacher_probabilities(scores: np.ndarray) -> np.ndarray:
+    """A teacher's answers as probabilities: rows that already sum to 1 stay, logits get a softmax."""
+    s = np.asarray(scores, np.float64)
+    if (s >= 0).all() and np.allclose(s.sum(1), 1.0, atol=1e-3):
+        return s
+    z = np.exp(s - s.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def estimated_accuracy(student: np.ndarray, teacher: np.ndarray) -> float:
+    """The student's accuracy without labels: the mean probability the teacher gives the label the student served.
+    Exact if the teacher is calibrated (its probabilities are the labels' frequencies); a confident teacher makes it
+    the agreement rate, a hesitant one discounts agreement where the teacher itself is unsure."""
+    if not len(student):
+        return float("nan")
+    picked = np.asarray(student).argmax(1)
+    return float(np.asarray(teacher)[np.arange(len(picked)), picked].mean())
+
+
+def teacher_view(current: pd.DataFrame, config: MonitorConfig, teacher: TeacherFn | None) -> tuple[list[TestResult], float | None]:
+    """The teacher re-labels a seeded sample of the window: the disagreement test against what the student served,
+    and the student's label-free estimated accuracy on it (None without a teacher)."""
     cur = _column_matrix(current, "probabilities")
     if teacher is None or cur is None:
-        return []
+        return [], None
     cfg = config.disagreement
     idx = np.random.default_rng(config.seed).choice(len(current), cfg.sample_size(len(current)), replace=False)
     texts = current["text"].iloc[idx].tolist()
-    teacher_labels = np.asarray(teacher(texts)).argmax(1)
-    return [stats.disagreement("disagreement.teacher_student", teacher_labels != cur[idx].argmax(1),
-                               cfg.baseline_rate, cfg.tolerance, config.alpha)]
+    t_probs = teacher_probabilities(teacher(texts))
+    test = stats.disagreement("disagreement.teacher_student", t_probs.argmax(1) != cur[idx].argmax(1),
+                              cfg.baseline_rate, cfg.tolerance, config.alpha)
+    return [test], estimated_accuracy(cur[idx], t_probs)
+
+
+def disagreement_test(current: pd.DataFrame, config: MonitorConfig, teacher: TeacherFn | None) -> list[TestResult]:
+    """The teacher re-labels a seeded sample of the window; compared with what the student served."""
+    return teacher_view(current, config, teacher)[0]
+
+
+def check_window(ref: ReferenceProfile, current: pd.DataFrame, config: MonitorConfig,
+                 teacher: TeacherFn | None = None) -> tuple[list[TestResult], float | None]:
+    """All declared tests on one window, and the student's label-free estimated accuracy (None without a teacher).
+    Tests whose inputs are missing are skipped (never counted as ok-by-fiat: the Bonferroni split still reserves
+    their share of the budget)."""
+    if "text" not in current.columns or len(current) == 0:
+        raise ValueError("the current window needs a non-empty 'text' column.")
+    disagreement, estimate = teacher_view(current, config, teacher)
+    tests = text_tests(ref, current, config) + embedding_tests(ref, current, config) + prediction_tests(ref, current, config)
+    return tests + disagreement, estimate
 
 
 def run_checks(ref: ReferenceProfile, current: pd.DataFrame, config: MonitorConfig,
                teacher: TeacherFn | None = None) -> list[TestResult]:
-    """All declared tests on one window. Tests whose inputs are missing are skipped (never counted as ok-by-fiat:
-    the Bonferroni split still reserves their share of the budget)."""
-    if "text" not in current.columns or len(current) == 0:
-        raise ValueError("the current window needs a non-empty 'text' column.")
-    return (text_tests(ref, current, config) + embedding_tests(ref, current, config)
-            + prediction_tests(ref, current, config) + disagreement_test(current, config, teacher))
+    """All declared tests on one window (``check_window`` without the estimate)."""
+    return check_window(ref, current, config, teacher)[0]

@@ -98,14 +98,16 @@ def write_report(ref: ReferenceProfile, current: pd.DataFrame, results: Sequence
 
 def append_history(path: str | Path, results: Sequence[TestResult], decision: Verdict, action: str,
                    report_path: str | Path | None = None, window_id: str | None = None,
-                   timestamp: datetime | None = None) -> dict:
-    """Append one window's row to a JSONL drift history; returns the row."""
+                   timestamp: datetime | None = None, estimated_acc: float | None = None) -> dict:
+    """Append one window's row to a JSONL drift history; returns the row. ``estimated_acc``: the student's label-free
+    estimated accuracy on the window (``monitoring.checks.estimated_accuracy``), when a teacher labelled it."""
     ts = timestamp or datetime.now(timezone.utc)
     row = {
         "timestamp": ts.isoformat(), "window_id": window_id, "decision": decision.decision, "action": action,
         "reasons": list(decision.reasons), "report": str(report_path) if report_path else None,
         "tests": {r.name: {"statistic": r.statistic, "p_value": r.p_value, "alpha": r.alpha, "fired": r.fired}
                   for r in results},
+        "estimated_acc": estimated_acc,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from monitoring.checks import ReferenceProfile, TeacherFn, run_checks
+from monitoring.checks import ReferenceProfile, TeacherFn, check_window
 from monitoring.config import MonitorConfig, TriggerConfig
 from monitoring.report import append_history, write_report
 from monitoring.stats import TestResult
@@ -51,12 +51,12 @@ def monitor_window(ref: ReferenceProfile, current: pd.DataFrame, out_dir: str | 
     out_dir = Path(out_dir)
     now = datetime.now(timezone.utc)
     window_id = window_id or now.strftime("%Y%m%dT%H%M%S%fZ")
-    results = run_checks(ref, current, config, teacher)
+    results, estimate = check_window(ref, current, config, teacher)
     v = verdict(results)
     trigger = Trigger.load(trigger_path(out_dir), trigger_config)
     action = trigger.update(v.decision)
     trigger.save(trigger_path(out_dir))
     report = write_report(ref, current, results, v, config, out_dir / "reports" / f"{window_id}.html") \
         if write_html else None
-    row = append_history(out_dir / "history.jsonl", results, v, action, report, window_id, now)
+    row = append_history(out_dir / "history.jsonl", results, v, action, report, window_id, now, estimate)
     return WindowResult(tuple(results), v, action, report, row)

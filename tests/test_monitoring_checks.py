@@ -104,3 +104,38 @@ def test_monitor_window_writes_report_history_and_dashboard(profile, slices, tmp
     assert list(hist.drop_duplicates("window_id")["decision"]) == ["ok", "retrain", "retrain"]
     png = render_dashboard(tmp_path / "history.jsonl", tmp_path / "dashboard.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_estimated_accuracy_tracks_realized_accuracy_without_labels():
+    """Labels drawn from a calibrated teacher's probabilities: the estimate (the teacher's mean probability of the
+    student's label) lands within 2 points of the accuracy the labels realize, for a good and a poor student, and a
+    teacher's logits are turned into probabilities first."""
+    from monitoring.checks import estimated_accuracy, teacher_probabilities
+
+    rng = np.random.default_rng(0)
+    n, k = 6000, 3
+    logits = rng.normal(0, 2.5, (n, k))
+    teacher = teacher_probabilities(logits)
+    np.testing.assert_allclose(teacher.sum(1), 1.0)
+    assert teacher_probabilities(teacher) is not None and np.allclose(teacher_probabilities(teacher), teacher)
+    labels = np.array([rng.choice(k, p=p) for p in teacher])
+    for noise in (0.5, 3.0):  # a student close to the teacher, and one far from it
+        student = teacher_probabilities(logits + rng.normal(0, noise, (n, k)))
+        realized = float((student.argmax(1) == labels).mean())
+        assert abs(estimated_accuracy(student, teacher) - realized) < 0.02, (noise, realized)
+    assert np.isnan(estimated_accuracy(np.zeros((0, k)), np.zeros((0, k))))
+
+
+def test_monitor_window_records_the_estimate_with_a_teacher(profile, slices, tmp_path):
+    from monitoring.checks import estimated_accuracy
+
+    _, held_out, _ = slices
+    cur = window(held_out, False)
+    teacher = lambda texts: np.asarray(fake_scores(texts, False)[0])[:, ::-1] * 4  # noqa: E731  (logits of a rival)
+    w = monitor_window(profile, cur, tmp_path, teacher=teacher, window_id="w0", write_html=False)
+    est = w.history_row["estimated_acc"]
+    assert 0.0 <= est < 0.5  # a teacher contrary to the student: most of the student's labels look wrong
+    row = read_history(tmp_path / "history.jsonl")
+    assert not row.empty
+    assert monitor_window(profile, cur, tmp_path, window_id="w1", write_html=False).history_row["estimated_acc"] is None
+    assert estimated_accuracy(np.eye(2)[[0, 1]], np.eye(2)[[0, 0]]) == 0.5

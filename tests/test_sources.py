@@ -261,3 +261,18 @@ def test_scheduled_distill_flow_trains_on_the_queue(tmp_path, prefect_api, tiny_
     assert q.queued == [] and q.last_round.version == 1 and q.last_round.recipe == "classifier-quick"
     assert Registry(tracking_uri=ctx.tracking_uri).lineage(ctx.model, 1)["snapshot_ids"]["train"] == out["train_snapshot"]
     assert again == {"action": "empty-queue"}
+
+
+def test_status_shows_the_last_monitored_window_and_its_estimated_accuracy(tmp_path):
+    from kdops.paths import Home
+
+    home = Home.at(tmp_path / "home")
+    home.monitoring.mkdir(parents=True)
+    rows = [{"timestamp": "2026-12-03T10:00:00+00:00", "window_id": "w1", "decision": "ok", "action": "ok", "estimated_acc": 0.93},
+            {"timestamp": "2026-12-03T10:05:00+00:00", "window_id": "w2", "decision": "retrain", "action": "retrain",
+             "estimated_acc": 0.871, "tests": {}}]
+    (home.monitoring / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    st = status(home, api_url="http://127.0.0.1:9/api")
+    assert st["last_window"]["window_id"] == "w2" and st["last_window"]["estimated_acc"] == 0.871
+    text = "\n".join(format_status(st))
+    assert "last monitored window: 2026-12-03T10:05:00+00:00 retrain -> retrain; estimated student accuracy 0.871" in text
