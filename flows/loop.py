@@ -72,9 +72,11 @@ def distill_flow(ctx: LoopContext, train_id: str | None = None, eval_id: str | N
 
 @flow(name="monitor_flow")
 def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None = None, window_id: str | None = None,
-                 teacher_kind: str | None = None, config=None, trigger=None, log_to_mlflow: bool = True) -> dict:
+                 teacher_kind: str | None = None, config=None, trigger=None, log_to_mlflow: bool = True,
+                 artifact: str | None = None) -> dict:
     """Check the traffic logged since ``since`` against the champion's reference profile; the Evidently report
-    and the test results go to an MLflow run (experiment ``kdops-monitoring``) unless ``log_to_mlflow`` is off."""
+    and the test results go to an MLflow run (experiment ``kdops-monitoring``) unless ``log_to_mlflow`` is off.
+    ``artifact``: the champion's directory, whose embeddings of the window feed the embedding-drift test."""
     import dataclasses
 
     from kdops.prediction_log import read_predictions
@@ -88,6 +90,11 @@ def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None 
     # ``teacher_kind``: label the window with the teacher of that kind (None: no disagreement check)
     teacher = kinds.get(teacher_kind).monitor_teacher(load_teacher(ctx, teacher_kind)) if teacher_kind else None
     window = df[["text", "probabilities"]].reset_index(drop=True)
+    if artifact and reference.embeddings is not None:
+        art = Artifact.read(artifact)
+        embeddings = kinds.get(art.kind).embed(art, window["text"].tolist())
+        if embeddings is not None:
+            window["embedding"] = list(embeddings)
     config = dataclasses.replace(config or MonitorConfig(), window_size=max(20, len(window)))
     res = monitor_window(reference, window, ctx.paths.monitoring, config, trigger or TriggerConfig(),
                          teacher=teacher, window_id=window_id)

@@ -229,7 +229,7 @@ def monitor_tick(ctx: LoopContext, window_s: float = 3600.0, min_rows: int = 200
     res = monitor_flow(ctx, ReferenceProfile.load(reference_dir(ctx, champion.version)), since, now,
                        window_id=time.strftime("tick-%Y%m%dT%H%M%S", time.gmtime(now)),
                        teacher_kind=meta["kind"] if checks_teacher else None,
-                       config=calibrated_config(meta.get("baseline_rate")), trigger=trigger)
+                       config=calibrated_config(meta.get("baseline_rate")), trigger=trigger, artifact=str(champion.artifact))
     state["last_checked"] = now
     write_state(ctx, state)
     logger.info("v%s: %d row(s) checked: %s -> %s", champion.version, res.get("rows", 0), res.get("decision"), res.get("action"))

@@ -110,9 +110,10 @@ def test_loop_end_to_end_and_idempotent_rerun(tmp_path, monkeypatch, harness, ti
     deadline = time.time() + 20
     mon = {"rows": 0}
     while time.time() < deadline and mon["rows"] < 40:
-        mon = monitor_flow(ctx, ref, since)
+        mon = monitor_flow(ctx, ref, since, artifact=r2["artifact"])  # the champion embeds the served window
         time.sleep(1)
     assert mon["rows"] >= 40 and mon["action"] == "ok"  # the traffic is the reference's own texts: no drift
+    assert "embedding.classifier" in mon["history"]["tests"]  # embedding drift checked on live traffic
 
 
 @pytest.mark.server

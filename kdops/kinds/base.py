@@ -139,6 +139,10 @@ class TaskKind(Protocol):
         """Keyword arguments for monitoring's reference profile (probabilities, embeddings, label_names) and the
         champion's own disagreement with the teacher (``baseline_rate``; None where there is nothing to compare)."""
 
+    def embed(self, artifact: Artifact, texts: Sequence[str]) -> Any:
+        """The artifact's sentence embeddings of ``texts`` (N, dim), as ``reference`` computes them for the reference
+        profile, for the embedding-drift test on served windows; None where the kind has none."""
+
     def monitor_teacher(self, teacher) -> Callable[[list[str]], Any] | None:
         """What the drift monitor's teacher-disagreement check calls on a window's texts (None: no such check)."""
 

@@ -99,6 +99,9 @@ class CausalLMKind:
         # A generation model: the prompts are what is monitored (text checks only)
         return {"baseline_rate": None}
 
+    def embed(self, artifact: Artifact, texts: Sequence[str]):
+        return None  # its reference holds no embeddings: prompts get the text checks
+
     def monitor_teacher(self, teacher):
         return None  # a teacher's next-token distribution labels nothing to disagree with
 

@@ -110,6 +110,15 @@ class ClassifierKind:
         return {"probabilities": probs, "embeddings": p.embed(list(texts)), "label_names": list(p.label_names),
                 "baseline_rate": baseline}
 
+    def embed(self, artifact: Artifact, texts: Sequence[str]):
+        if (artifact.extra.get("onnx") or {}).get("fp32"):  # the fp32 graph: torch's numbers, without torch's cost
+            from kdops.onnx_predict import FP32_GRAPH, OnnxPredictor
+
+            return OnnxPredictor.from_dir(artifact.path, graph=FP32_GRAPH, verify=False).embed(list(texts))
+        from kdops.predict import Predictor
+
+        return Predictor.from_dir(artifact.path).embed(list(texts))
+
     def monitor_teacher(self, teacher):
         return teacher.logits
 
