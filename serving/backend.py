@@ -211,6 +211,12 @@ def int32s(name: str, values) -> Any:
     return _pb().Tensor(name, np.array([[v] for v in values], np.int32))
 
 
+def class_outputs(probabilities, labels, version: str, a: int, b: int, dlpack: bool = False) -> list:
+    """A classifier's outputs for rows ``[a, b)`` of its batch: PROBABILITIES, LABEL and MODEL_VERSION."""
+    return [floats("PROBABILITIES", probabilities[a:b], dlpack), strings("LABEL", labels[a:b]),
+            strings("MODEL_VERSION", [version] * (b - a))]
+
+
 def floats(name: str, tensor, dlpack: bool) -> Any:
     """A TYPE_FP32 output from a torch tensor or a numpy array (N, ...); a torch tensor goes through DLPack when
     ``dlpack``."""

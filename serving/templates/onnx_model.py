@@ -13,7 +13,7 @@ import sys
 # there (the editable install's .pth finder is not always active), so apply it by hand, first.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
-from serving.backend import Batch, Stub, floats, strings, warn  # noqa: E402
+from serving.backend import Batch, Stub, class_outputs, warn  # noqa: E402
 
 
 class TritonPythonModel:
@@ -44,9 +44,7 @@ class TritonPythonModel:
             return probs, [predictor.label_names[k] for k in probs.argmax(-1).tolist()]
 
         def outputs(result, a, b):
-            probs, labels = result
-            return [floats("PROBABILITIES", probs[a:b], False), strings("LABEL", labels[a:b]),
-                    strings("MODEL_VERSION", [predictor.version] * (b - a))]
+            return class_outputs(*result, predictor.version, a, b)
 
         batch = Batch.gather(requests, self.stub.settings.model, self.stub.read_texts)
         responses, result = batch.respond(run, outputs)
