@@ -169,7 +169,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
     """Start everything, serve the deployments until a signal or ``cfg.for_seconds``, then stop it all."""
     from contextlib import ExitStack
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
 
     from flows.services import PrefectServer, reconcile_orphaned_runs
     from flows.status import announce, withdraw
@@ -193,7 +193,9 @@ def run_up(cfg: UpConfig, echo=print) -> None:
     try:
         with ExitStack() as stack:
             prefect = stack.enter_context(PrefectServer(home))
-            stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.url}))
+            # The runner looks for due runs every 10 s by default: a shorter monitor interval would tick late.
+            poll = max(1, min(10, int(min(cfg.interval_s, cfg.watch_interval_s or cfg.interval_s))))
+            stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.url, PREFECT_RUNNER_POLL_FREQUENCY: poll}))
             if not prefect.external:  # only this process ever ran the embedded server's deployments
                 orphans = reconcile_orphaned_runs()
                 if orphans:
