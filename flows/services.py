@@ -45,7 +45,10 @@ class PrefectServer:
         if self.external:
             return self
         (self.home / "prefect").mkdir(parents=True, exist_ok=True)
+        # PREFECT_UI_API_URL: the UI's /ui-settings otherwise name port 4200 whatever port the server listens on, and
+        # the UI that `kdops up` prints cannot reach its API.
         env = dict(os.environ, PREFECT_HOME=str(self.home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_UI_API_URL=self.url,
                    PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{self.home / 'prefect' / 'prefect.db'}")
         env.pop("PREFECT_API_URL", None)
         log = open(self.home / "prefect" / "server.log", "ab")

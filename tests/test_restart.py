@@ -8,16 +8,33 @@ import pytest
 pytestmark = pytest.mark.server
 
 
-def test_a_run_left_pending_no_longer_blocks_its_deployment_after_reconciliation(tmp_path):
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    from flows.services import PrefectServer
+
+    with PrefectServer(tmp_path_factory.mktemp("prefect")) as server:
+        yield server
+
+
+def test_the_ui_is_pointed_at_the_api_it_was_started_with(prefect_server):
+    """The UI reads its API address from /ui-settings: it must be this server's, not Prefect's default port."""
+    import json
+    import urllib.request
+
+    base = prefect_server.url.removesuffix("/api")
+    with urllib.request.urlopen(f"{base}/ui-settings", timeout=30) as r:
+        assert json.loads(r.read())["api_url"] == prefect_server.url
+
+
+def test_a_run_left_pending_no_longer_blocks_its_deployment_after_reconciliation(prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions, StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Pending
 
-    from flows.services import PrefectServer, reconcile_orphaned_runs
+    from flows.services import reconcile_orphaned_runs
 
-    with (PrefectServer(tmp_path) as server, temporary_settings({PREFECT_API_URL: server.url}),
-          get_client(sync_client=True) as client):
+    with temporary_settings({PREFECT_API_URL: prefect_server.url}), get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name("monitor_tick")
         once = ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
         dep = client.create_deployment(flow_id, "kdops-monitor", tags=["kdops"], concurrency_limit=1,
