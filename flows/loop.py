@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows.promotion import act_on_decision
 from flows.tasks import (LoopContext, distill_round, evaluate, gate_reference, gate_task, load_teacher, log_monitor_run,
-                         open_review, register, serving_graphs, teacher_outputs, with_review_labels)
+                         open_review, register, serving_graphs, teacher_outputs, texts_for_review, with_review_labels)
 from kdops import kinds
 from kdops.artifacts import Artifact
 from kdops.recipes import ClassifierRecipe, LMRecipe, resolve_recipe
@@ -99,10 +99,12 @@ def monitor_flow(ctx: LoopContext, reference, since: float, until: float | None 
     res = monitor_window(reference, window, ctx.paths.monitoring, config, trigger or TriggerConfig(),
                          teacher=teacher, window_id=window_id)
     run_id = log_monitor_run(ctx, res.history_row, len(window)) if log_to_mlflow else None
+    asked = texts_for_review(ctx, window, res.teacher_sample, getattr(reference, "label_names", None))
     review_id = None
     if res.action == "review":  # a person decides; the case carries the evidence
         review_id = open_review(ctx, "drift", {"window_id": window_id, "rows": len(window), "fired": list(res.verdict.reasons),
                                                "report": str(res.report_path) if res.report_path else None},
                                 res.verdict.explanation or "drift needs review")
     return {"rows": len(window), "decision": res.verdict.decision, "action": res.action, "review_id": review_id, "mlflow_run": run_id,
-            "report": str(res.report_path) if res.report_path else None, "history": res.history_row}
+            "report": str(res.report_path) if res.report_path else None, "history": res.history_row,
+            "review_texts": asked}

@@ -45,6 +45,8 @@ class LoopContext:
     teacher_model: str = field(default="", metadata={"help": "The served teacher's model name (with teacher_url)."})
     runtime: str = field(default="auto", metadata={"help": "What serves a classifier on CPU: auto (its ONNX graph, INT8 where gated) or torch."})
     redact_texts: bool = field(default=False, metadata={"help": "The prediction log keeps texts' SHA-256 only."})
+    review_per_window: int = field(default=10, metadata={"help": "Served texts each monitored window asks people to label (0: none)."})
+    review_per_day: int = field(default=50, metadata={"help": "At most this many such texts a day."})
 
     @property
     def has_teacher(self) -> bool:
@@ -222,6 +224,23 @@ def open_review(ctx: LoopContext, kind: str, payload: dict, reason: str) -> int:
     from kdops.review import ReviewQueue
 
     return ReviewQueue(ctx.paths.review_db).add(kind, payload, reason)
+
+
+@task(name="texts-for-review", cache_policy=None)
+def texts_for_review(ctx: LoopContext, window: pd.DataFrame, teacher_sample: dict, label_names) -> list[int]:
+    """The window's most informative texts (teacher-student disagreement, then the student's least confident) into
+    the review queue, within the daily budget; a person's label comes back as a hard label and into the golden set."""
+    import numpy as np
+
+    from kdops.review import ReviewQueue, informative
+
+    probs = list(window["probabilities"])
+    if not ctx.review_per_window or not probs or any(len(p) == 0 for p in probs):
+        return []  # a generation model's window: nothing to be unsure about
+    picks = informative(np.stack(probs), teacher_sample.get("teacher"), teacher_sample.get("index"),
+                        ctx.review_per_window, list(label_names or []))
+    texts = window["text"].tolist()
+    return ReviewQueue(ctx.paths.review_db).add_texts([(texts[i], kind, why) for i, kind, why in picks], ctx.review_per_day)
 
 
 @task(name="review-labels", cache_policy=None)

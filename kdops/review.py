@@ -15,6 +15,7 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 KINDS = ("low_confidence", "disagreement", "invalid_input", "candidate", "drift")
@@ -51,6 +52,30 @@ CREATE INDEX IF NOT EXISTS cases_status_kind ON cases(status, kind);
 
 class ReviewError(ValueError):
     """A review action that cannot be applied (unknown case, already decided, missing label)."""
+
+
+def informative(student: np.ndarray, teacher: np.ndarray | None = None, teacher_rows: np.ndarray | None = None,
+                k: int = 10, label_names=None) -> list[tuple[int, str, str]]:
+    """The ``k`` rows of a window a person's label would teach the most, as ``(row, kind, reason)``, best first:
+    rows where the teacher (on the rows it labelled, ``teacher_rows``) disagrees with the student, most confident
+    teacher first; then the student's least confident rows."""
+    student = np.asarray(student, float)
+    out, taken = [], set()
+    if teacher is not None and teacher_rows is not None and len(teacher_rows):
+        s_lab, t_lab = student[teacher_rows].argmax(1), np.asarray(teacher).argmax(1)
+        conf = np.asarray(teacher).max(1)
+        name = (lambda i: label_names[i]) if label_names else str  # noqa: E731
+        for j in np.argsort(-conf):
+            if s_lab[j] != t_lab[j] and len(out) < k:
+                out.append((int(teacher_rows[j]), "disagreement", f"teacher says {name(t_lab[j])} ({conf[j]:.2f}), "
+                                                                  f"student served {name(s_lab[j])}"))
+                taken.add(int(teacher_rows[j]))
+    for i in np.argsort(student.max(1)):
+        if len(out) >= k:
+            break
+        if int(i) not in taken:
+            out.append((int(i), "low_confidence", f"student confidence {student[i].max():.2f}"))
+    return out
 
 
 def _now() -> str:
@@ -147,6 +172,24 @@ class ReviewQueue:
             rows = db.execute("SELECT case_id, text, label, added_at FROM golden ORDER BY case_id").fetchall()
         return pd.DataFrame([{"id": f"review-{r['case_id']}", "text": r["text"], "label": r["label"],
                               "added_at": r["added_at"]} for r in rows], columns=["id", "text", "label", "added_at"])
+
+    def add_texts(self, picks: list[tuple[str, str, str]], per_day: int) -> list[int]:
+        """Open ``(text, kind, reason)`` cases for people to label, within ``per_day`` text cases a UTC day; a text
+        already in the queue (any status) is not asked again. Returns the new case ids."""
+        day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        with self._connect() as db:
+            used = db.execute("SELECT COUNT(*) FROM cases WHERE kind IN ('low_confidence', 'disagreement') "
+                              "AND created_at >= ?", (day,)).fetchone()[0]
+            known = {json.loads(r[0]).get("text") for r in db.execute(
+                "SELECT payload FROM cases WHERE kind IN ('low_confidence', 'disagreement')")}
+        ids = []
+        for text, kind, reason in picks:
+            if used + len(ids) >= per_day:
+                break
+            if text not in known:
+                ids.append(self.add(kind, {"text": text}, reason))
+                known.add(text)
+        return ids
 
     def counts(self) -> dict[str, int]:
         with self._connect() as db:

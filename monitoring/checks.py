@@ -201,9 +201,11 @@ def estimated_accuracy(student: np.ndarray, teacher: np.ndarray) -> float:
     return float(np.asarray(teacher)[np.arange(len(picked)), picked].mean())
 
 
-def teacher_view(current: pd.DataFrame, config: MonitorConfig, teacher: TeacherFn | None) -> tuple[list[TestResult], float | None]:
+def teacher_view(current: pd.DataFrame, config: MonitorConfig, teacher: TeacherFn | None,
+                 sample: dict | None = None) -> tuple[list[TestResult], float | None]:
     """The teacher re-labels a seeded sample of the window: the disagreement test against what the student served,
-    and the student's label-free estimated accuracy on it (None without a teacher)."""
+    and the student's label-free estimated accuracy on it (None without a teacher). ``sample``, when given, receives
+    the sampled rows (``index``) and the teacher's probabilities on them (``teacher``)."""
     cur = _column_matrix(current, "probabilities")
     if teacher is None or cur is None:
         return [], None
@@ -211,6 +213,8 @@ def teacher_view(current: pd.DataFrame, config: MonitorConfig, teacher: TeacherF
     idx = np.random.default_rng(config.seed).choice(len(current), cfg.sample_size(len(current)), replace=False)
     texts = current["text"].iloc[idx].tolist()
     t_probs = teacher_probabilities(teacher(texts))
+    if sample is not None:
+        sample.update(index=idx, teacher=t_probs)
     test = stats.disagreement("disagreement.teacher_student", t_probs.argmax(1) != cur[idx].argmax(1),
                               cfg.baseline_rate, cfg.tolerance, config.alpha)
     return [test], estimated_accuracy(cur[idx], t_probs)
@@ -222,13 +226,13 @@ def disagreement_test(current: pd.DataFrame, config: MonitorConfig, teacher: Tea
 
 
 def check_window(ref: ReferenceProfile, current: pd.DataFrame, config: MonitorConfig,
-                 teacher: TeacherFn | None = None) -> tuple[list[TestResult], float | None]:
+                 teacher: TeacherFn | None = None, sample: dict | None = None) -> tuple[list[TestResult], float | None]:
     """All declared tests on one window, and the student's label-free estimated accuracy (None without a teacher).
     Tests whose inputs are missing are skipped (never counted as ok-by-fiat: the Bonferroni split still reserves
     their share of the budget)."""
     if "text" not in current.columns or len(current) == 0:
         raise ValueError("the current window needs a non-empty 'text' column.")
-    disagreement, estimate = teacher_view(current, config, teacher)
+    disagreement, estimate = teacher_view(current, config, teacher, sample)
     tests = text_tests(ref, current, config) + embedding_tests(ref, current, config) + prediction_tests(ref, current, config)
     return tests + disagreement, estimate
 

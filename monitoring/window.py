@@ -28,6 +28,7 @@ class WindowResult:
     action: str = field(metadata={"help": "What to do after hysteresis and cool-down: ok | retrain | review."})
     report_path: Path | None = field(metadata={"help": "Evidently HTML report, for the flow to log as an artifact."})
     history_row: dict = field(metadata={"help": "The row appended to the drift history."})
+    teacher_sample: dict = field(default_factory=dict, metadata={"help": "Rows the teacher labelled (index) and its probabilities on them (teacher); empty without a teacher."})
 
 
 def trigger_path(out_dir: str | Path) -> Path:
@@ -51,7 +52,8 @@ def monitor_window(ref: ReferenceProfile, current: pd.DataFrame, out_dir: str | 
     out_dir = Path(out_dir)
     now = datetime.now(timezone.utc)
     window_id = window_id or now.strftime("%Y%m%dT%H%M%S%fZ")
-    results, estimate = check_window(ref, current, config, teacher)
+    sample: dict = {}
+    results, estimate = check_window(ref, current, config, teacher, sample)
     v = verdict(results)
     trigger = Trigger.load(trigger_path(out_dir), trigger_config)
     action = trigger.update(v.decision)
@@ -59,4 +61,4 @@ def monitor_window(ref: ReferenceProfile, current: pd.DataFrame, out_dir: str | 
     report = write_report(ref, current, results, v, config, out_dir / "reports" / f"{window_id}.html") \
         if write_html else None
     row = append_history(out_dir / "history.jsonl", results, v, action, report, window_id, now, estimate)
-    return WindowResult(tuple(results), v, action, report, row)
+    return WindowResult(tuple(results), v, action, report, row, sample)

@@ -114,6 +114,11 @@ def test_loop_end_to_end_and_idempotent_rerun(tmp_path, monkeypatch, harness, ti
         time.sleep(1)
     assert mon["rows"] >= 40 and mon["action"] == "ok"  # the traffic is the reference's own texts: no drift
     assert "embedding.classifier" in mon["history"]["tests"]  # embedding drift checked on live traffic
+    from kdops.review import ReviewQueue
+
+    asked = ReviewQueue(ctx.paths.review_db).open()  # each window's least confident texts, for people to label
+    assert 0 < len(asked) <= 50 and {c["kind"] for c in asked} <= {"low_confidence", "disagreement"}
+    assert len({c["payload"]["text"] for c in asked}) == len(asked)
 
 
 @pytest.mark.server

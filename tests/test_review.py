@@ -193,3 +193,26 @@ def test_a_failed_approval_leaves_the_case_open_and_the_champion_in_place(loop):
                                                "--tracking-uri", ctx.tracking_uri])
     assert res.exit_code == 1 and res.output.startswith("error: rev: no version or alias 99 ")
     assert ReviewQueue(db).get(case_id)["status"] == "open" and reg.champion("rev") == v1
+
+
+def test_informative_texts_disagreement_first_then_least_confident_within_a_daily_budget(tmp_path):
+    import numpy as np
+
+    from kdops.review import ReviewQueue, informative
+
+    student = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01]])
+    teacher_rows = np.array([0, 2, 4])
+    teacher = np.array([[0.1, 0.9], [0.3, 0.7], [0.4, 0.6]])  # row 0 and row 4 disagree; row 0 the surer
+    picks = informative(student, teacher, teacher_rows, k=4, label_names=["neg", "pos"])
+    assert [(i, kind) for i, kind, _ in picks] == [(0, "disagreement"), (4, "disagreement"), (1, "low_confidence"),
+                                                   (3, "low_confidence")]
+    assert picks[0][2] == "teacher says pos (0.90), student served neg"
+    assert [i for i, _, _ in informative(student, k=2)] == [1, 3]  # no teacher: the least confident rows
+
+    q = ReviewQueue(tmp_path / "r.sqlite")
+    texts = [f"text {i}" for i in range(5)]
+    first = q.add_texts([(texts[i], kind, why) for i, kind, why in picks], per_day=3)
+    assert len(first) == 3 and [c["kind"] for c in q.open()] == ["disagreement", "disagreement", "low_confidence"]
+    assert q.add_texts([("text 9", "low_confidence", "x")], per_day=3) == []  # today's budget is spent
+    assert q.add_texts([(texts[0], "disagreement", "again"), ("text 8", "low_confidence", "x")], per_day=5) != []
+    assert [c["payload"]["text"] for c in q.open()].count(texts[0]) == 1  # never asked twice
