@@ -112,7 +112,14 @@ def status(home: Home, model: str = MODEL, api_url: str | None = None, tracking_
         except Exception as e:  # an API that answers /health but not queries: say so, show the rest
             service["error"] = one_line(e)[:300]
     announced = read_json(home.service, {}) or {}
-    service.update({k: announced[k] for k in ("pid", "started", "watch", "triton") if k in announced})
+    service.update({k: announced[k] for k in ("pid", "started", "watch", "triton", "metrics") if k in announced})
+    if service["running"] and service.get("metrics"):
+        from serving.metrics import triton_metrics
+
+        try:  # Triton's own counters: requests, failures, batching, queue and compute time
+            service["serving"] = triton_metrics(service["metrics"], model)
+        except OSError as e:
+            service["serving"] = {"error": one_line(e)}
     failed = [{"path": c.source, "reason": c.reason, "at": _iso(c.at)} for c in queue.contents.values() if c.status == "failed"]
     last = queue.last_round
     return {"home": str(home), "model": model, "champion": _champion(home, model, tracking_uri), "service": service,
@@ -158,6 +165,12 @@ def format_status(st: dict) -> list[str]:
         lines.append(f"kdops up is not running{why}: no scheduled runs" + (f" (Prefect API {svc['prefect_api']} does not answer)" if svc.get("prefect_api") and not why else ""))
     else:
         lines.append(f"kdops up: running (Prefect API {svc['prefect_api']})" + (f", watching {svc['watch']}" if svc.get("watch") else ""))
+        m = svc.get("serving")
+        if m and "error" not in m:
+            lines.append(f"  Triton ({svc.get('triton')}): {m['requests']} requests to {st['model']}, {m['failed']} failed; "
+                         f"mean batch {m['mean_batch']}, queue {m['mean_queue_ms']} ms, compute {m['mean_compute_ms']} ms")
+        elif m:
+            lines.append(f"  Triton metrics unavailable: {m['error']}")
         if not st["schedules"]:
             lines.append("  no deployment has a schedule")
         for s in st["schedules"] or []:

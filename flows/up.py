@@ -208,6 +208,8 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             # The admin key reaches the served runs (child processes) through the environment, not through
             # deployment parameters, which the Prefect API and UI show to anyone who can read them.
             os.environ["KDOPS_TRITON_ADMIN_KEY"] = triton.admin_key
+            announce(paths, prefect_api=prefect.url, model=cfg.model, watch=cfg.watch_dir, triton=triton.url,
+                     metrics=triton.metrics_url)
             ctx = LoopContext(home=str(home), teacher_dir=cfg.teacher_dir, teacher_url=cfg.teacher_url,
                               teacher_model=cfg.teacher_model, tracking_uri=tracking_uri, triton_url=triton.url,
                               triton_grpc_url=triton.grpc_url, triton_key="", repository=str(repo),

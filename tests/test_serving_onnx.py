@@ -103,3 +103,18 @@ def test_client_errors_and_hot_swap_under_traffic(served, students):
 
 def client_infer(server):
     _client(server).infer("fast", ["a text while swapping"])
+
+
+def test_prometheus_metrics_summarize_the_served_model(served):
+    from serving.metrics import triton_metrics
+
+    server = served[0]
+    client = _client(server)
+    before = triton_metrics(server.metrics_url, "fast")
+    client.infer("fast", ["counted once", "and twice"])
+    with pytest.raises(Exception):
+        client.infer("fast", [""])
+    after = triton_metrics(server.metrics_url, "fast")
+    assert after["requests"] == before["requests"] + 1 and after["failed"] >= before["failed"] + 1
+    assert after["executions"] > 0 and after["mean_batch"] >= 1.0
+    assert after["mean_queue_ms"] is not None and after["mean_compute_ms"] > 0

@@ -290,6 +290,12 @@ def test_kdops_up_serves_deployments_and_stops_on_sigterm(tmp_path):
         assert any(r.state_type.value == "COMPLETED" for r in runs), [(r.name, r.state_name) for r in runs]
         assert monitor.parameters["ctx"]["home"] == str(home) and monitor.parameters["ctx"]["triton_url"]
         assert "pickle" not in str(monitor.parameters)
+        from flows.status import format_status, status
+        from kdops.paths import Home
+
+        st = status(Home.at(home))  # what `kdops status` reads while it runs: Triton's own counters too
+        assert st["service"]["running"] and st["service"]["serving"]["requests"] == 0, st["service"]
+        assert any(line.startswith("  Triton (127.0.0.1:") for line in format_status(st)), format_status(st)
 
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=45)
