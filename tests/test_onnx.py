@@ -135,6 +135,28 @@ def test_registry_tags_say_what_serves(prepared):
     assert serving_tags(Artifact(prepared.path, prepared.kind, {})) == {RUNTIME_TAG: "torch"}
 
 
+def test_a_registered_version_says_what_serves_it(prepared, tiny_tokenizer, tmp_path, monkeypatch):
+    """Registered in a real (SQLite) MLflow store: each version row names what serves it."""
+    from kdops.artifacts import Lineage, save_student
+    from kdops.registry import Registry, Tracking
+    from kdops.student import from_teacher
+    from tests.conftest import make_teacher
+
+    other = from_teacher(make_teacher(tiny_tokenizer, seed=5), num_labels=2, layers=[1], embedding_size=16)
+    torch_only = save_student(tmp_path / "torch-only", other, tiny_tokenizer, ["neg", "pos"], 32, Lineage()).path
+
+    monkeypatch.setenv("KDOPS_HOME", str(tmp_path / "home"))
+    reg = Registry(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "artifacts"))
+    with Tracking(store=reg.store).run("r") as run:
+        pass
+    v_onnx = reg.register(prepared.path, run.run_id, "rt")
+    v_torch = reg.register(torch_only, run.run_id, "rt")
+    rows = {r["version"]: r["serving_runtime"] for r in reg.versions("rt")}
+    assert rows == {v_onnx: choose_graph(prepared).runtime, v_torch: "torch"}
+    downloaded = reg.download("rt", v_onnx, dst=tmp_path / "dl")
+    assert {FP32_GRAPH, *INT8_GRAPHS.values()} <= {p.name for p in downloaded.iterdir()}  # the graphs travel with it
+
+
 def test_quantize_command_reports_the_gate_and_a_corrupt_artifact_in_one_line(tiny_student_dir, tmp_path):
     from test_project import kdops, one_line_error
 

@@ -58,7 +58,7 @@ def versions(name: str = NameOption, tracking_uri: str = UriOption, as_json: boo
     for r in rows:
         lin = r["lineage"]
         typer.echo(f"v{r['version']:<4} {','.join(r['aliases']) or '-':<20} {r['state'] or '-':<12} "
-                   f"sha {r['weights_sha256'][:12]}  teacher {lin.get('teacher_id', '-')}  "
+                   f"{r['serving_runtime']:<10} sha {r['weights_sha256'][:12]}  teacher {lin.get('teacher_id', '-')}  "
                    f"parent {lin.get('parent_version') or '-'}  run {r['run_id'][:8]}")
 
 

@@ -160,7 +160,7 @@ class Versions(OnStore):
                  "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
                  "created": mv.creation_timestamp, "weights_sha256": mv.tags.get(SHA_TAG, ""),
                  "kind": mv.tags.get(KIND_TAG, ""), "state": mv.tags.get(STATE_TAG, ""),
-                 "lineage": decode_lineage(mv.tags)}
+                 "serving_runtime": mv.tags.get(RUNTIME_TAG, "torch"), "lineage": decode_lineage(mv.tags)}
                 for mv in self.store.retry(lambda: self.client.search_model_versions(f"name = '{name}'"))]
         return sorted(rows, key=lambda r: r["version"])
 
