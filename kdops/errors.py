@@ -11,3 +11,7 @@ class UserError(ValueError):
 
 class LabelMismatch(UserError):
     """Data whose labels the teacher does not know (and the project file does not map)."""
+
+
+class DataError(UserError):
+    """Input data that cannot be used, with a message that says what to fix."""
