@@ -124,19 +124,21 @@ def up(
     from kdops.paths import home
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP call to Prefect otherwise
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "openai"):  # one line per HTTP call to Prefect otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     s = session(ctx)
     p, root = s.project, home()
     try:
         directory, url, teacher_model = s.teacher_location(teacher_dir)
+        teacher_api = s.teacher_api(teacher_dir)
     except UserError:  # a project without a teacher still serves and monitors its champion
-        directory, url, teacher_model = None, "", ""
+        directory, url, teacher_model, teacher_api = None, "", "", ""
     if directory is not None and not (Path(directory) / "config.json").exists():
         directory = None  # not trained yet: no disagreement check, no retraining
     m = p.monitor
     try:
         cfg = UpConfig(home=str(root), teacher_dir=str(directory or ""), teacher_url=url, teacher_model=teacher_model,
+                       teacher_api=teacher_api,
                        interval_s=interval or m.interval_s, window_s=window or m.window_s, min_rows=min_rows or m.min_rows,
                        triton_url=triton_url or "", triton_grpc_url=triton_grpc_url or "", triton_key=triton_admin_key or "",
                        repository=str(repository or ""), model=model or p.serve.model, runtime=p.serve.runtime,

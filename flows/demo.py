@@ -212,7 +212,7 @@ def _quiet_logs() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP call to Prefect otherwise
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "openai"):  # one line per HTTP call to Prefect otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows.promotion import act_on_decision
 from flows.tasks import (LoopContext, distill_round, evaluate, gate_reference, gate_task, load_teacher, log_monitor_run,
-                         open_review, register, serving_graphs, teacher_outputs, texts_for_review, with_review_labels)
+                         open_review, register, serving_graphs, teacher_outputs, teacher_spend, texts_for_review, with_review_labels)
 from kdops import kinds
 from kdops.artifacts import Artifact
 from kdops.recipes import ClassifierRecipe, LMRecipe, resolve_recipe
@@ -46,7 +46,7 @@ def distill_flow(ctx: LoopContext, train_id: str | None = None, eval_id: str | N
     if eval_id is None:
         raise ValueError("distill_flow: a round on train_id needs eval_id.")
     log = get_run_logger()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     recipe = resolve_recipe(recipe)
     kind = kinds.for_recipe(recipe)
     if use_review:
@@ -55,6 +55,7 @@ def distill_flow(ctx: LoopContext, train_id: str | None = None, eval_id: str | N
     info = distill_round(ctx, recipe, train_id, Artifact.read(champion.artifact) if champion else None,
                          champion.version if champion else None, tuple(replay_ids or ()))
     report = evaluate(ctx, recipe, info["artifact"], eval_id, speed)
+    info["teacher_spend"] = teacher_spend(ctx, recipe.kind, started)
     decision = gate_task(recipe, report, gate_reference(ctx, champion, eval_id))
     log.info("gate: %s (%s)", decision.action, "; ".join(decision.reasons))
     if decision.action != "reject":

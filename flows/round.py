@@ -48,6 +48,7 @@ def run_project_round(session, train: str | None, test: str | None, recipe_name:
         triton = stack.enter_context(TritonServer(ServerConfig(
             repository=str(paths.triton_repo), log_file=str(paths.triton / "tritonserver-round.log")))) if serve else None
         ctx = LoopContext(home=str(paths.root), teacher_dir=str(directory or ""), teacher_url=url, teacher_model=model_name,
+                          teacher_api=session.teacher_api(),
                           tracking_uri=paths.tracking_uri, model=p.serve.model,
                           triton_url=triton.url if triton else "", triton_grpc_url=triton.grpc_url if triton else "",
                           triton_key=triton.admin_key if triton else "", repository=str(paths.triton_repo),

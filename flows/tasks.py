@@ -43,6 +43,7 @@ class LoopContext:
     device: str = field(default="cpu", metadata={"help": "Training device."})
     teacher_url: str = field(default="", metadata={"help": "Triton HTTP host:port serving the teacher (instead of teacher_dir): no local teacher weights."})
     teacher_model: str = field(default="", metadata={"help": "The served teacher's model name (with teacher_url)."})
+    teacher_api: str = field(default="", metadata={"help": "An OpenAI-compatible teacher: kdops.api_teacher.ApiTeacherConfig as JSON (no key: it names the environment variable holding one)."})
     runtime: str = field(default="auto", metadata={"help": "What serves a classifier on CPU: auto (its ONNX graph, INT8 where gated) or torch."})
     redact_texts: bool = field(default=False, metadata={"help": "The prediction log keeps texts' SHA-256 only."})
     review_per_window: int = field(default=10, metadata={"help": "Served texts each monitored window asks people to label (0: none)."})
@@ -50,11 +51,18 @@ class LoopContext:
 
     @property
     def has_teacher(self) -> bool:
-        return bool(self.teacher_dir or self.teacher_url)
+        return bool(self.teacher_dir or self.teacher_url or self.teacher_api)
 
     @property
     def teacher(self) -> kinds.TeacherSpec:
         """The loop's teacher as a spec; UserError when none (or a half-given served one) is configured."""
+        if self.teacher_api:
+            from dataclasses import replace
+
+            from kdops.api_teacher import ApiTeacherConfig
+
+            api = ApiTeacherConfig.from_json(self.teacher_api)
+            return kinds.TeacherSpec(api=api if api.cache else replace(api, cache=str(self.paths.api_answers)))
         return kinds.TeacherSpec(path=self.teacher_dir, url=self.teacher_url, model=self.teacher_model)
 
     @property
@@ -121,6 +129,13 @@ def teacher_outputs(ctx: LoopContext, recipe, snapshot_id: str) -> dict:
     """Fill the kind's cache for a snapshot; the teacher runs only on inputs it has not seen."""
     kind = kinds.for_recipe(recipe)
     return kind.teacher_outputs(ctx.paths, load_teacher(ctx, recipe.kind), load_snapshot(ctx, snapshot_id).texts, recipe)
+
+
+def teacher_spend(ctx: LoopContext, kind, since: float) -> dict:
+    """What the teacher's calls cost since ``since`` (requests, tokens, retries) for a teacher that counts them (an
+    API teacher); {} for one that does not."""
+    usage = getattr(load_teacher(ctx, kind), "usage_since", None) if ctx.has_teacher else None
+    return usage(since) if usage else {}
 
 
 def round_key(ctx: LoopContext, recipe, snapshot_id: str, champion: Artifact | None, replay: tuple[str, ...]) -> str:
@@ -201,6 +216,7 @@ def register(ctx: LoopContext, recipe, artifact: str, report: dict, distill_info
             step = int(rec.get("epoch", rec.get("step", i)))
             run.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}, step=step)
         run.log_eval_report(report)
+        metrics = {**metrics, **{f"teacher_{k}": float(v) for k, v in (distill_info.get("teacher_spend") or {}).items()}}
         if metrics:
             run.log_metrics(metrics)
         for context, sid in snapshot_ids.items():

@@ -46,6 +46,7 @@ class UpConfig:
     teacher_dir: str = field(default="", metadata={"help": "Teacher directory; empty: no teacher-disagreement check."})
     teacher_url: str = field(default="", metadata={"help": "A teacher served by Triton (HTTP host:port) instead of teacher_dir."})
     teacher_model: str = field(default="", metadata={"help": "The served teacher's model name."})
+    teacher_api: str = field(default="", metadata={"help": "An OpenAI-compatible teacher (kdops.api_teacher.ApiTeacherConfig as JSON)."})
     interval_s: float = field(default=300.0, metadata={"help": "Seconds between monitor_tick runs."})
     window_s: float = field(default=3600.0, metadata={"help": "A tick looks back at most this many seconds."})
     min_rows: int = field(default=200, metadata={"help": "A tick checks a window once it holds this many predictions."})
@@ -211,7 +212,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             announce(paths, prefect_api=prefect.url, model=cfg.model, watch=cfg.watch_dir, triton=triton.url,
                      metrics=triton.metrics_url)
             ctx = LoopContext(home=str(home), teacher_dir=cfg.teacher_dir, teacher_url=cfg.teacher_url,
-                              teacher_model=cfg.teacher_model, tracking_uri=tracking_uri, triton_url=triton.url,
+                              teacher_model=cfg.teacher_model, teacher_api=cfg.teacher_api, tracking_uri=tracking_uri, triton_url=triton.url,
                               triton_grpc_url=triton.grpc_url, triton_key="", repository=str(repo),
                               model=cfg.model, prediction_log=str(plog), runtime=cfg.runtime,
                               redact_texts=cfg.redact_texts)

@@ -29,6 +29,8 @@ def setup() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "openai"):  # one line per HTTP call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def fail(e: Exception | str) -> None:
@@ -72,6 +74,8 @@ class Session:
         if teacher_dir or url:
             return teacher_dir, url or "", model or ""
         t = self.project.teacher
+        if t.kind == "openai":  # not a location: ``teacher_api`` carries it
+            return None, "", ""
         if t.remote:
             return None, t.url, t.model
         if t.path:
@@ -81,14 +85,29 @@ class Session:
                             "or [teacher] url and model for a teacher served by Triton.")
         return default_teacher_dir(), "", ""
 
+    def teacher_api(self, teacher_dir: Path | None = None, url: str | None = None) -> str:
+        """The project's API teacher as a flow parameter (JSON, no key), or "" (none, or flags name another)."""
+        if teacher_dir or url:
+            return ""
+        from kdops.paths import Home
+
+        cfg = self.project.api_teacher(cache=Home.from_env().api_answers)
+        return cfg.to_json() if cfg is not None else ""
+
     def teacher(self, teacher_dir: Path | None = None, url: str | None = None, model: str | None = None,
                 device: str = "cpu"):
         """Open the teacher; its labels must be the ones the project declares."""
+        from kdops import kinds
+
+        api = self.teacher_api(teacher_dir, url)
+        if api:
+            from kdops.api_teacher import ApiTeacherConfig
+
+            return kinds.get(self.project.kind).load_teacher(kinds.TeacherSpec(api=ApiTeacherConfig.from_json(api)))
         directory, url, model = self.teacher_location(teacher_dir, url, model)
         if not url and not (Path(directory) / "config.json").is_file():
             how = ("run `kdops teacher train`" if self.has_project else "run `kdops teacher bootstrap` or pass --teacher-dir")
             raise UserError(f"no teacher model at {directory}: {how}.")
-        from kdops import kinds
 
         def remote(spec):
             if self.remote_teacher is None:

@@ -63,6 +63,11 @@ class Home:
         return self.root / "lm_soft_labels.sqlite"
 
     @property
+    def api_answers(self) -> Path:
+        """API teachers' answers (SQLite), per (base URL, model, prompt template, input), and their spend."""
+        return self.root / "api_answers.sqlite"
+
+    @property
     def replay(self) -> Path:
         return self.root / "replay"
 

@@ -67,17 +67,28 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TeacherSection:
+    kind: str = field(default="", metadata={"help": "openai: a model behind an OpenAI-compatible API (url = its base URL); '' : path, or url + model on Triton."})
     path: str = field(default="", metadata={"help": "A local transformers classifier directory (kdops teacher train writes one)."})
     base: str = field(default="", metadata={"help": "Base encoder `kdops teacher train` fine-tunes ('' : the shipped MiniLM)."})
-    url: str = field(default="", metadata={"help": "A Triton teacher: HTTP host:port (with model)."})
-    model: str = field(default="", metadata={"help": "A Triton teacher: the served model name."})
+    url: str = field(default="", metadata={"help": "A served teacher: Triton's HTTP host:port, or the API's base URL (kind = openai)."})
+    model: str = field(default="", metadata={"help": "A served teacher: its model name."})
     epochs: float = field(default=3.0, metadata={"help": "`kdops teacher train`: most passes over the data (early stopping may end sooner)."})
+    api: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "kind = openai: prompt, endpoint, method, api_key_env, concurrency, timeout_s, max_retries, max_requests, max_tokens, tokenizer (kdops.api_teacher.ApiTeacherConfig)."})
+    label_words: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "kind = openai: the word the model answers for a label, where it is not the label itself (pos = \"positive\")."})
 
     def __post_init__(self) -> None:
+        if self.kind not in ("", "openai"):
+            raise ProjectError(f"[teacher] kind = {self.kind!r}: use \"openai\" or leave it out.")
         if self.path and self.url:
-            raise ProjectError("[teacher] set either path (a local model) or url + model (a Triton teacher), not both.")
+            raise ProjectError("[teacher] set either path (a local model) or url + model (a served teacher), not both.")
         if bool(self.url) != bool(self.model):
-            raise ProjectError("[teacher] a Triton teacher needs both url and model.")
+            raise ProjectError("[teacher] a served teacher needs both url and model.")
+        if self.kind == "openai" and not self.url:
+            raise ProjectError("[teacher] kind = \"openai\" needs url (the API's base URL) and model.")
+        if (self.api or self.label_words) and self.kind != "openai":
+            raise ProjectError("[teacher.api] and [teacher.label_words] apply to kind = \"openai\" only.")
 
     @property
     def remote(self) -> bool:
@@ -170,6 +181,22 @@ class Project:
             return None
         path = Path(self.teacher.path).expanduser()
         return path if path.is_absolute() else self.root / path
+
+    def api_teacher(self, cache: str | Path = ""):
+        """The ``kdops.api_teacher.ApiTeacherConfig`` of a ``kind = "openai"`` teacher, else None."""
+        t = self.teacher
+        if t.kind != "openai":
+            return None
+        from kdops.api_teacher import ApiTeacherConfig
+
+        options = dict(t.api)
+        if options.get("tokenizer"):
+            options["tokenizer"] = self.resolve(str(options["tokenizer"]))
+        labels = self.task.labels if self.kind == Kind.CLASSIFIER else ()
+        try:
+            return ApiTeacherConfig.from_options(t.url, t.model, options, labels, t.label_words, str(cache))
+        except (TypeError, UserError) as e:
+            raise ProjectError(f"{self.source or 'project'}: [teacher] {e}") from e
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: Path, source: Path | None = None) -> "Project":

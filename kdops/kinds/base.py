@@ -21,17 +21,23 @@ from kdops.paths import Home
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Which teacher a round uses: a local model directory, or a model served by Triton (URL and model name).
+    """Which teacher a round uses: a local model directory, a model served by Triton (URL and model name), or one
+    behind an OpenAI-compatible API (``api``: ``kdops.api_teacher.ApiTeacherConfig``).
 
-    A kind loads a local teacher itself; a served one comes from the ``remote`` loader its caller passes to
+    A kind loads a local or API teacher itself; a Triton one comes from the ``remote`` loader its caller passes to
     ``TaskKind.load_teacher`` (the flows pass ``serving.teacher.TritonTeacher``), so kdops never imports serving/."""
 
     path: str = field(default="", metadata={"help": "Local model directory (transformers, safetensors)."})
     url: str = field(default="", metadata={"help": "Triton HTTP host:port serving the teacher."})
     model: str = field(default="", metadata={"help": "The teacher's model name on that server."})
+    api: Any = field(default=None, metadata={"help": "An OpenAI-compatible teacher (kdops.api_teacher.ApiTeacherConfig)."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", str(self.path))
+        if self.api is not None:
+            if self.path or self.url:
+                raise UserError(f"a teacher is an API ({self.api.model} at {self.api.base_url}) or a directory / Triton model, not both.")
+            return
         if bool(self.url) != bool(self.model):
             raise UserError(f"a served teacher needs both a URL and a model name (got url={self.url!r}, model={self.model!r}).")
         if self.path and self.url:
@@ -41,7 +47,8 @@ class TeacherSpec:
 
     @property
     def remote(self) -> bool:
-        return bool(self.url)
+        """Served elsewhere: no local weights to carve a student from."""
+        return bool(self.url) or self.api is not None
 
     @classmethod
     def of(cls, value: "TeacherSpec | str | Path") -> "TeacherSpec":
@@ -49,6 +56,8 @@ class TeacherSpec:
         return value if isinstance(value, TeacherSpec) else cls(path=str(value))
 
     def __str__(self) -> str:
+        if self.api is not None:
+            return f"{self.api.model} at {self.api.base_url} (OpenAI API)"
         return self.path or f"{self.model} at {self.url}"
 
 

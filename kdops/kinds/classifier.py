@@ -34,6 +34,10 @@ class ClassifierKind:
         """A local transformers classifier, or a served one built by ``remote`` (its students are carved from a
         local base encoder instead: ``kdops.rounds.StudentShape.base``)."""
         spec = TeacherSpec.of(spec)
+        if spec.api is not None:
+            from kdops.api_teacher import ApiClassifierTeacher
+
+            return ApiClassifierTeacher(spec.api)
         if spec.remote:
             if remote is None:
                 raise UserError(f"teacher {spec} is served remotely, and no loader for served teachers was given.")
