@@ -158,3 +158,56 @@ def test_config_and_project_file_errors_are_one_line(tmp_path):
         Project.from_dict({"teacher": {"kind": "vllm", "url": "http://x", "model": "m"}}, tmp_path)
     with pytest.raises(ProjectError, match="openai"):
         Project.from_dict({"teacher": {"path": "t", "api": {"votes": 3}}}, tmp_path)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_distill_flow_with_an_api_teacher_logs_its_spend_and_never_its_key(tmp_path, monkeypatch):
+    """A first round whose teacher is an API (no local teacher weights: the student comes from the shipped base
+    encoder) through real Prefect and a SQLite MLflow store: the call counts reach the tracking run; the key
+    reaches the server and neither store."""
+    import mlflow
+    import pandas as pd
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.loop import distill_flow
+    from flows.tasks import LoopContext, save_snapshot
+    from kdops.distill import DistillConfig
+    from kdops.gate import GateThresholds
+    from kdops.recipes import ClassifierRecipe
+    from kdops.registry import Registry
+    from kdops.rounds import StudentShape
+
+    secret = "sk-flow-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:24]
+    monkeypatch.setenv("KDOPS_TEST_API_KEY", secret)
+    monkeypatch.setenv("KDOPS_HOME", str(tmp_path / "home"))
+    words = ["good", "bad", "fine", "dull", "great", "awful", "odd", "nice"]
+    rows = pd.DataFrame({"text": [f"a {w} film, take {i}" for i in range(4) for w in words],
+                         "label": ["pos", "neg"] * 16, "domain": "a"})
+    recipe = ClassifierRecipe(name="tiny", distill=DistillConfig(epochs=1, batch_size=16),
+                              shape=StudentShape(layers=1, embedding_size=8, intermediate_size=32),
+                              gate=GateThresholds(min_retention=0.01, max_slice_drop=1.0))
+    with fault_server("--schedule", "ok,429") as url, prefect_test_harness(server_startup_timeout=120):
+        cfg = ApiTeacherConfig(base_url=url + "/v1", model="fault-model", labels=("neg", "pos"), backoff_s=0.02,
+                               api_key_env="KDOPS_TEST_API_KEY")
+        ctx = LoopContext(home=str(tmp_path / "home"), teacher_api=cfg.to_json(),
+                          tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", model="api-student")
+        train_id, eval_id = save_snapshot(ctx, rows, ("neg", "pos")), save_snapshot(ctx, rows[:16], ("neg", "pos"))
+        out = distill_flow(ctx, train_id, eval_id, recipe, None, deploy=False, use_review=False)
+        served = stats(url)
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(limit=50, sort=FlowRunSort.EXPECTED_START_TIME_DESC)
+            params = json.dumps([r.parameters for r in runs], default=str)
+    assert served["auth"] == hashlib.sha256(secret.encode()).hexdigest()[:12]
+    spend = out["distill"]["teacher_spend"]
+    assert spend["requests"] == served["requests"] == 33 and spend["retried_calls"] == 1 and spend["failed_calls"] == 0
+    run = [v for v in Registry(tracking_uri=ctx.tracking_uri).versions("api-student") if int(v["version"]) == out["version"]][0]
+    metrics = mlflow.MlflowClient(ctx.tracking_uri).get_run(run["run_id"]).data.metrics
+    assert metrics["teacher_requests"] == 33 and metrics["teacher_tokens"] == spend["tokens"] > 0
+    assert "fault-model" in params and secret not in params
+    for f in [tmp_path / "mlflow.db", *(tmp_path / "home").rglob("*")]:
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
