@@ -52,8 +52,9 @@ def init_cmd(
     label_column: str = typer.Option(None, "--label-column", help="Column holding the label (default 'label'; '' : unlabelled)."),
     labels: str = typer.Option(None, "--labels", help="Comma-separated label set in output order (default: read from the data)."),
     teacher_dir: str = typer.Option("", "--teacher-dir", help="An existing local teacher (default: one `kdops teacher train` writes to ./teacher)."),
-    teacher_url: str = typer.Option("", "--teacher-url", help="A teacher served by Triton: HTTP host:port."),
-    teacher_model: str = typer.Option("", "--teacher-model", help="The Triton teacher's model name."),
+    teacher_url: str = typer.Option("", "--teacher-url", help="A served teacher: Triton's HTTP host:port, or with --teacher-kind openai the API's base URL (http://host:port/v1)."),
+    teacher_model: str = typer.Option("", "--teacher-model", help="The served teacher's model name."),
+    teacher_kind: str = typer.Option("", "--teacher-kind", help="openai: the teacher is behind an OpenAI-compatible API (vLLM, SGLang, llama.cpp, hosted); its key is read from $OPENAI_API_KEY ([teacher.api] api_key_env)."),
     base: str = typer.Option("", "--base", help="Base encoder `kdops teacher train` fine-tunes (default: the shipped MiniLM)."),
     recipe: str = typer.Option("", "--recipe", help="Distillation recipe (kdops/recipes.py; default: the kind's)."),
     model: str = typer.Option(None, "--model", help="Registered and served model name (default: kdops-<directory>)."),
@@ -103,7 +104,8 @@ def init_cmd(
     elif data:
         train, test = f"{data}:train" if data.count(":") == 1 else data, test or (f"{data}:test" if data.count(":") == 1 else "")
     name = model or "kdops-" + (re.sub(r"[^a-z0-9-]+", "-", root.name.lower()).strip("-") or "student")
-    teacher = TeacherSection(path=teacher_dir or ("" if teacher_url else "teacher"), url=teacher_url, model=teacher_model, base=base)
+    teacher = TeacherSection(kind=teacher_kind, path=teacher_dir or ("" if teacher_url else "teacher"), url=teacher_url,
+                             model=teacher_model, base=base)
     project = Project(
         root=root, task=TaskSection(kind=kind, labels=label_set),
         data=DataSection(train=_rel(train, root), val=_rel(val, root), test=_rel(test or "", root), text_column=text_column,
