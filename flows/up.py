@@ -176,6 +176,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
     from flows.status import announce, withdraw
     from kdops.paths import Home
     from serving.server import ServerConfig, TritonServer
+    from serving.watchdog import TritonWatchdog
 
     paths = Home.at(cfg.home)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -219,6 +220,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             champion = current_champion.fn(ctx)
             version = champion.version if champion else None
             label_names = _deploy_champion(ctx, triton, champion, echo) if champion else None
+            stack.enter_context(TritonWatchdog(triton))  # a dead tritonserver is started again, serving what it served
             _announce(echo, prefect, paths, ctx, triton, cfg, version)
             _first_scan(ctx, cfg, echo)
             _serve(build_deployments(ctx, cfg, label_names, eval_id), cfg.for_seconds, echo)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 from kdops.proc import die_with_parent, free_port
 
@@ -96,6 +97,18 @@ def server_env(paths: dict[str, Path]) -> dict[str, str]:
     return env
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 class TritonServer:
     """An embedded tritonserver process (or an attached external one); a context manager.
 
@@ -111,6 +124,7 @@ class TritonServer:
         self.metrics_url = ""
         self.workdir: Path | None = None
         self.log_path: Path | None = None
+        self._ports: list[int] = []  # kept across a restart: clients and deployments hold the URLs
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -131,8 +145,9 @@ class TritonServer:
 
     def command(self) -> list[str]:
         paths = triton_paths()
-        ports = [self.cfg.http_port or free_port(), self.cfg.grpc_port or free_port(),
-                 self.cfg.metrics_port or free_port()]
+        ports = self._ports or [self.cfg.http_port or free_port(), self.cfg.grpc_port or free_port(),
+                                self.cfg.metrics_port or free_port()]
+        self._ports = ports
         self.url, self.grpc_url = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
         self.metrics_url = f"127.0.0.1:{ports[2]}"
         restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
@@ -170,6 +185,38 @@ class TritonServer:
             self.stop()
             raise
         return self
+
+    @property
+    def died(self) -> bool:
+        """An embedded server whose process has exited without ``stop()``."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def restart(self, models: Sequence[str] = ()) -> float:
+        """Start a dead (or live) embedded server again on the same ports and repository, then load ``models``
+        (explicit model control: a fresh server serves nothing); returns the seconds it took."""
+        if self.cfg.url:
+            raise ServerError("an attached Triton is not ours to restart")
+        t0 = time.monotonic()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stubs the dead server left behind hold the ports
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+            self.proc = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        for _ in range(50):  # the killed server's sockets may linger a moment
+            if all(_port_free(p) for p in self._ports):
+                break
+            time.sleep(0.2)
+        self.start()
+        from serving.client import ServingClient
+
+        client = ServingClient(self.url, admin_key=self.admin_key, grpc_url=self.grpc_url)
+        for m in models:
+            client.load(m)
+        return time.monotonic() - t0
 
     def wait_live(self) -> None:
         import urllib.request
