@@ -75,12 +75,13 @@ def run_project_round(session, train: str | None, test: str | None, recipe_name:
 
 
 def _recipe(name: str, project):
-    """The named recipe with the project's gate thresholds."""
+    """The named recipe with the project's [student] keys and gate thresholds."""
     from dataclasses import fields, replace
 
-    from kdops.recipes import recipe
+    from kdops.recipes import recipe, with_student
 
-    r = recipe(name)
+    st = project.student
+    r = with_student(recipe(name), st.layers, st.embedding_size, st.epochs)
     known = {f.name for f in fields(r.gate)}
     gate = {k: v for k, v in vars(project.gate).items() if k in known}
     return replace(r, gate=replace(r.gate, **gate)) if gate else r

@@ -121,3 +121,15 @@ def recipe(name: str, **overrides) -> Recipe:
     except KeyError as e:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}.") from e
     return replace(base, **overrides) if overrides else base
+
+
+def with_student(r: Recipe, layers: int = 0, embedding_size: int = -1, epochs: int = 0) -> Recipe:
+    """``r`` with a project's ``[student]`` keys applied where the recipe has such a field (0 / -1: the recipe's)."""
+    shape, distill = r.shape, r.distill
+    if layers and hasattr(shape, "layers"):
+        shape = replace(shape, layers=layers)
+    if embedding_size >= 0 and hasattr(shape, "embedding_size"):
+        shape = replace(shape, embedding_size=embedding_size or None)
+    if epochs and hasattr(distill, "epochs"):
+        distill = replace(distill, epochs=epochs)
+    return replace(r, shape=shape, distill=distill)

@@ -73,3 +73,58 @@ def test_a_killed_tritonserver_is_restarted_and_serves_the_champion_again(tmp_pa
         after = serving_client(server).predict("student", texts)
         assert after.labels == before.labels
         np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-5)
+
+
+def test_a_round_killed_mid_training_reruns_to_one_version_without_asking_the_teacher_again(tmp_path):
+    """``kdops round`` SIGKILLed after its first training epoch (teacher outputs paid for, a checkpoint written),
+    then run again: exactly one version is registered, and every teacher request of the re-run is for an input
+    the killed run had not labelled (the API teacher's answer cache gains one entry per request)."""
+    import csv
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_api_teacher import fault_server, stats
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    words = ["good", "bad", "fine", "dull", "great", "awful", "odd", "nice", "grim", "fun"]
+    for name, n in (("train.csv", 240), ("test.csv", 40)):
+        with open(proj / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for i in range(n):
+                w.writerow([f"{name[:-4]} {i}: a {words[i % 10]} film about {words[(i * 7) % 10]} things", ("neg", "pos")[i % 2]])
+    home = tmp_path / "home"
+    env = {**os.environ, "KDOPS_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    kdops = [sys.executable, "-c", "from flows.cli import main; main()"]
+    with fault_server() as url:
+        (proj / "kdops.toml").write_text(
+            '[task]\nkind = "classifier"\nlabels = ["neg", "pos"]\n[data]\ntrain = "train.csv"\ntest = "test.csv"\n'
+            f'[teacher]\nkind = "openai"\nurl = "{url}/v1"\nmodel = "fault-model"\n'
+            '[student]\nlayers = 1\nepochs = 3\n[gate]\nmin_retention = 0.01\nmax_slice_drop = 1.0\n')
+        first = subprocess.Popen([*kdops, "round"], cwd=proj, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not any((home / "checkpoints").glob("*/*")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the round ended before its first checkpoint: nothing was killed mid-way"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        answers = home / "api_answers.sqlite"
+        cached = sqlite3.connect(answers).execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        asked = stats(url)["requests"]
+        assert cached == asked >= 240  # the training texts were labelled before training started
+        again = subprocess.run([*kdops, "round", "--json", str(tmp_path / "round.json")], cwd=proj, env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+        reasked = stats(url)["requests"] - asked
+        gained = sqlite3.connect(answers).execute("SELECT COUNT(*) FROM answers").fetchone()[0] - cached
+    assert reasked == gained == 40  # only the test texts: nothing the killed run paid for was asked again
+    from kdops.registry import Registry
+
+    versions = Registry(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}").versions("kdops-student")
+    assert [int(v["version"]) for v in versions] == [1]
+    assert json.loads(Path(tmp_path / "round.json").read_text())["version"] == 1
