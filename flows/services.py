@@ -69,6 +69,24 @@ class PrefectServer:
         self.stop()
         raise RuntimeError(f"prefect server did not answer on {self.url} within {self.timeout_s:.0f} s")
 
+    @property
+    def died(self) -> bool:
+        """An embedded server whose process exited without ``stop()``."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def restart(self) -> str:
+        """Start the embedded server again on the same port and database (scheduled runs live in the database, so
+        none is lost; the runner reconnects by itself)."""
+        if self.external:
+            raise RuntimeError(f"{self.external} is an external Prefect server: not ours to restart")
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+        self.proc = None
+        self.start()
+        return f"on {self.url}"
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             _drain_prefect_clients()

@@ -176,6 +176,7 @@ def run_up(cfg: UpConfig, echo=print) -> None:
     from flows.status import announce, withdraw
     from kdops.paths import Home
     from serving.server import ServerConfig, TritonServer
+    from kdops.proc import Watchdog
     from serving.watchdog import TritonWatchdog
 
     paths = Home.at(cfg.home)
@@ -198,6 +199,8 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             # The runner looks for due runs every 10 s by default: a shorter monitor interval would tick late.
             poll = max(1, min(10, int(min(cfg.interval_s, cfg.watch_interval_s or cfg.interval_s))))
             stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.url, PREFECT_RUNNER_POLL_FREQUENCY: poll}))
+            if not prefect.external:  # a dead server comes back on the same port and database
+                stack.enter_context(Watchdog("prefect server", lambda: prefect.died, prefect.restart, interval_s=2.0))
             if not prefect.external:  # only this process ever ran the embedded server's deployments
                 orphans = reconcile_orphaned_runs()
                 if orphans:

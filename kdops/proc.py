@@ -8,6 +8,8 @@ their ports and databases. On Linux the kernel can deliver a signal to the child
 Caveat from prctl(2): "parent" is the *thread* that forked the child. Start servers from a thread that
 lives as long as they should (the main thread, in kdops).
 
+``Watchdog`` restarts a server whose process died (``kdops up`` keeps tritonserver and Prefect alive with it).
+
 Also here, for work beside a server on the same cores: short-lived threads at a lower priority
 (``run_in_idle_thread``, ``run_in_niced_thread``), and giving freed heap pages back (``release_free_memory``).
 """
@@ -16,9 +18,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
+import logging
 import signal
 import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
@@ -153,3 +161,75 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Restart:
+    at: float
+    seconds: float
+    detail: str = ""
+    error: str = ""
+
+
+class Watchdog:
+    """Restart a server whose process died: every ``interval_s`` a thread calls ``observe()`` while ``died()`` is
+    false (to note what to restore), else ``restart()`` (which returns a detail for the log) and records a
+    ``Restart``. A failed restart is retried at the next look. ``kdops up`` keeps its servers alive with these."""
+
+    def __init__(self, name: str, died, restart, observe=None, interval_s: float = 1.0):
+        self.name, self._died, self._restart, self._observe, self.interval_s = name, died, restart, observe, interval_s
+        self.restarts: list[Restart] = []
+        self._stop, self._parked = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> Restart | None:
+        if not self._died():
+            if self._observe is not None:
+                try:
+                    self._observe()
+                except Exception:  # a busy server: keep what was noted
+                    pass
+            return None
+        log.warning("%s died; restarting it", self.name)
+        t0 = time.monotonic()
+        try:
+            r = Restart(time.time(), 0.0, detail=str(self._restart() or ""))
+            log.warning("%s restarted in %.1f s %s", self.name, time.monotonic() - t0, r.detail)
+        except Exception as e:
+            r = Restart(time.time(), 0.0, error=" ".join(str(e).split())[:300])
+            log.error("%s restart failed: %s", self.name, r.error)
+        r.seconds = time.monotonic() - t0
+        self.restarts.append(r)
+        return r
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:  # never let the watchdog die with the server it guards
+                log.exception("%s watchdog", self.name)
+        # PR_SET_PDEATHSIG follows the *thread* that started a process (see above): a server restarted here
+        # would get SIGTERM if this thread ended. It parks until the process exits.
+        self._parked.set()
+        threading.Event().wait()
+
+    def start(self) -> "Watchdog":
+        if self._observe is not None:
+            try:
+                self._observe()
+            except Exception:
+                pass
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._parked.wait(timeout=30)  # no check runs after this returns
+
+    def __enter__(self) -> "Watchdog":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

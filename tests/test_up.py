@@ -379,6 +379,7 @@ def _restart_after_sigkill_with_a_stuck_run(tmp_path: Path, env: dict) -> None:
         ticks = _ticks_after(url, serving - 5, 2 * 5 + 20)
         assert ticks, log.read_text()[-3000:]
         assert min(r.start_time.timestamp() for r in ticks) - serving <= 2 * 5 + 2  # within 2 intervals of serving
+        _prefect_killed_and_back(proc, log, url)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -386,3 +387,21 @@ def _restart_after_sigkill_with_a_stuck_run(tmp_path: Path, env: dict) -> None:
                 proc.wait(45)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _prefect_killed_and_back(proc, log: Path, url: str) -> None:
+    """The embedded Prefect server SIGKILLed under ``kdops up``: its watchdog starts it again on the same port and
+    database, the runner reconnects, ticks complete again, and no scheduled tick runs twice."""
+    server = [p for p in _children(proc.pid) if "prefect" in _cmdline(p) and "server" in _cmdline(p)]
+    assert len(server) == 1, [(p, _cmdline(p)) for p in _children(proc.pid)]
+    os.kill(server[0], signal.SIGKILL)
+    killed = time.time()
+    deadline = killed + 90
+    while "prefect server restarted" not in log.read_text(errors="replace") and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    assert "prefect server restarted" in log.read_text(errors="replace"), log.read_text()[-3000:]
+    assert _ticks_after(url, killed, 60), log.read_text()[-3000:]
+    _, runs = asyncio.run(_api_view(url))
+    slots = [r.expected_start_time for r in runs if r.state_type.value in ("COMPLETED", "RUNNING")]
+    assert len(slots) == len(set(slots)), "a scheduled tick ran twice"
