@@ -237,18 +237,27 @@ def _one_line_errors(group: typer.Typer) -> None:
 
     from kdops.errors import UserError
 
+    from kdops.errors import disk_full
+
     def wrap(fn):
         @functools.wraps(fn)
         def command(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except UserError as e:
+            except Exception as e:
                 import click
 
+                if isinstance(e, UserError):
+                    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                elif full := disk_full(e):  # the disk, not a bug
+                    message = (f"no space to write: {full}; nothing half-written was kept or registered: free "
+                               "space and run it again")
+                else:
+                    raise
                 ctx = click.get_current_context(silent=True)
                 if getattr(ctx.find_root().obj if ctx else None, "debug", False) or "--debug" in sys.argv[1:]:
                     raise
-                typer.secho(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", fg=typer.colors.RED, err=True)
+                typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(2) from None
         return command
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,17 @@ def _quiet_logs() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "openai"):  # one line per HTTP call to Prefect otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if "--debug" not in sys.argv[1:]:  # a failed task's one-line log stays; its traceback is for --debug
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+                logger.addFilter(_NoTraceback())
+
+
+class _NoTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _print_table(summary: dict, report: Path, json_out: Path) -> None:

@@ -15,3 +15,26 @@ class LabelMismatch(UserError):
 
 class DataError(UserError):
     """Input data that cannot be used, with a message that says what to fix."""
+
+
+def disk_full(e: BaseException) -> str | None:
+    """What filled up, when ``e`` (or what caused it) is a full disk, a quota or a file-size limit: OSError's
+    errno, or the "(os error N)" / strerror text libraries such as safetensors and MLflow wrap it in."""
+    import errno
+    import os
+    import re
+
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in codes:
+            return f"{e.filename or 'a file'} ({e.strerror})"
+        text = str(e)
+        m = re.search(r"os error (\d+)", text)
+        if m and int(m.group(1)) in codes:
+            return os.strerror(int(m.group(1)))
+        for code in codes:
+            if os.strerror(code) in text:
+                return os.strerror(code)
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None

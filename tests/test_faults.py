@@ -75,10 +75,11 @@ def test_a_killed_tritonserver_is_restarted_and_serves_the_champion_again(tmp_pa
         np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-5)
 
 
-def test_a_round_killed_mid_training_reruns_to_one_version_without_asking_the_teacher_again(tmp_path):
+def test_a_round_killed_mid_training_reruns_to_one_version_and_a_full_disk_keeps_the_champion(tmp_path):
     """``kdops round`` SIGKILLed after its first training epoch (teacher outputs paid for, a checkpoint written),
     then run again: exactly one version is registered, and every teacher request of the re-run is for an input
-    the killed run had not labelled (the API teacher's answer cache gains one entry per request)."""
+    the killed run had not labelled (the API teacher's answer cache gains one entry per request). Then a round
+    that runs out of disk: a one-line error, no partial artifact, the champion unchanged."""
     import csv
     import json
     import sqlite3
@@ -122,9 +123,31 @@ def test_a_round_killed_mid_training_reruns_to_one_version_without_asking_the_te
         assert again.returncode == 0, again.stderr[-2000:]
         reasked = stats(url)["requests"] - asked
         gained = sqlite3.connect(answers).execute("SELECT COUNT(*) FROM answers").fetchone()[0] - cached
-    assert reasked == gained == 40  # only the test texts: nothing the killed run paid for was asked again
-    from kdops.registry import Registry
+        assert reasked == gained == 40  # only the test texts: nothing the killed run paid for was asked again
+        from flows.monitor import current_champion
+        from flows.tasks import LoopContext
+        from kdops.registry import Registry
 
-    versions = Registry(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}").versions("kdops-student")
-    assert [int(v["version"]) for v in versions] == [1]
-    assert json.loads(Path(tmp_path / "round.json").read_text())["version"] == 1
+        registry = Registry(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+        assert [int(v["version"]) for v in registry.versions("kdops-student")] == [1]
+        assert json.loads(Path(tmp_path / "round.json").read_text())["version"] == 1
+
+        # A full disk during the next round (a file-size limit below the student's weights; the champion is
+        # already downloaded): one line, exit 2, nothing half-written kept, v1 still the champion.
+        current_champion.fn(LoopContext(home=str(home), model="kdops-student"))
+        (proj / "more.csv").write_text((proj / "train.csv").read_text().replace("\ntrain ", "\nmore "))
+        students = sorted(p.name for p in (home / "students").iterdir())
+
+        def limit_files():
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (12 << 20, 12 << 20))
+
+        full = subprocess.run([*kdops, "round", "--train", "more.csv"], cwd=proj, env=env, capture_output=True,
+                              text=True, timeout=600, preexec_fn=limit_files)
+    assert full.returncode == 2, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space to write") and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert sorted(p.name for p in (home / "students").iterdir()) == students  # no new or partial student
+    assert [int(v["version"]) for v in registry.versions("kdops-student")] == [1]
+    assert registry.champion("kdops-student") == 1
