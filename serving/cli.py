@@ -185,3 +185,27 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="One or more prom
         _fail(e)
     for p, text, n, v in zip(prompts, out.texts, out.tokens, out.versions):
         typer.echo(json.dumps({"prompt": p, "completion": text, "tokens": n, "model_version": v}))
+
+
+@app.command("openai")
+def openai_cmd(url: str = UrlOption, grpc_url: str = GrpcOption, model: str = ModelOption,
+               tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer directory: required for an LM teacher "
+                                              "(kdops_kind lm-teacher); for a student it only counts prompt tokens."),
+               served_name: str = typer.Option(None, "--served-name", help="Model id clients send (default: --model)."),
+               host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+               port: int = typer.Option(8080, "--port", help="Port to listen on (0: a free one).")) -> None:
+    """An OpenAI-compatible HTTP front (/v1/models, /v1/completions, /v1/chat/completions, streaming) over a served
+    causal-LM student or LM teacher; clients point their base URL at it. Runs until Ctrl-C."""
+    from serving.openai_front import FrontConfig, serve_forever
+
+    if not url:
+        typer.echo("error: --url (or $KDOPS_TRITON_URL) is required: the Triton HTTP host:port.", err=True)
+        raise typer.Exit(2)
+    try:
+        cfg = FrontConfig(url, model, grpc_url=grpc_url or "", served_name=served_name or "",
+                          tokenizer=str(tokenizer or ""), host=host, port=port)
+        serve_forever(cfg, lambda base: typer.echo(json.dumps({"base_url": base + "/v1", "model": cfg.name})))
+    except ValueError as e:
+        _fail(e)
+    except KeyboardInterrupt:  # uvicorn stops gracefully, then re-raises the Ctrl-C
+        pass
