@@ -40,7 +40,7 @@ LM_TEACHER_SPEC = ServingSpec(
     inputs=(Tensor("IDS", "TYPE_INT64", (-1, -1)), Tensor("LENGTHS", "TYPE_INT64", (-1,)), Tensor("K", "TYPE_INT32"),
             Tensor("MAX_NEW_TOKENS", "TYPE_INT32")),
     outputs=(Tensor("TOPK_IDS", "TYPE_INT32", (-1, -1, -1)), Tensor("TOPK_LOGPROBS", "TYPE_FP32", (-1, -1, -1)),
-             Tensor("GENERATED", "TYPE_INT64", (-1, -1))),
+             Tensor("TOKEN_LOGPROBS", "TYPE_FP32", (-1, -1)), Tensor("GENERATED", "TYPE_INT64", (-1, -1))),
     warmup=())
 
 

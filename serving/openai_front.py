@@ -228,17 +228,18 @@ class TeacherBackend:
 
     # -- Triton
     def _score(self, seqs: list[list[int]], first: list[int], k: int) -> list[list[Scored]]:
-        """The log-prob and top ``k`` alternatives of every token ``seq[first:]`` (``first`` >= 1); a token outside
-        the top ``max(k, 1)`` (a prompt token, usually) is looked up in a vocabulary-wide second call."""
-        got = self.teacher.topk(seqs, max(k, 1))
+        """The log-prob and top ``k`` alternatives of every token ``seq[first:]`` (``first`` >= 1). The teacher
+        reports each actual token's log-prob; from an export that does not, a token outside the top ``max(k, 1)``
+        (a prompt token, usually) is looked up in a vocabulary-wide second call."""
+        got = self.teacher.scored_topk(seqs, max(k, 1))
         rows, missing = [], []
-        for r, (seq, (ids, lps)) in enumerate(zip(seqs, got)):
+        for r, (seq, (ids, lps, targets)) in enumerate(zip(seqs, got)):
             row = []
             for pos in range(first[r] - 1, len(seq) - 1):  # position pos predicts seq[pos + 1]
                 hit = np.flatnonzero(ids[pos] == seq[pos + 1])
-                row.append(Scored(seq[pos + 1], float(lps[pos, hit[0]]) if hit.size else None,
-                                  list(zip(ids[pos, :k].tolist(), lps[pos, :k].tolist()))))
-                if not hit.size:
+                lp = float(targets[pos]) if targets is not None else float(lps[pos, hit[0]]) if hit.size else None
+                row.append(Scored(seq[pos + 1], lp, list(zip(ids[pos, :k].tolist(), lps[pos, :k].tolist()))))
+                if lp is None:
                     missing.append(r)
             rows.append(row)
         todo = sorted(set(missing))

@@ -96,16 +96,22 @@ class TritonLMTeacher:
         res = self.client.infer_arrays(self.model_name, [
             ("IDS", "INT64", ids), ("LENGTHS", "INT64", np.array([len(s) for s in seqs], np.int64)),
             ("K", "INT32", np.array([k], np.int32)), ("MAX_NEW_TOKENS", "INT32", np.array([new], np.int32))])
-        return {n: res.as_numpy(n) for n in ("TOPK_IDS", "TOPK_LOGPROBS", "GENERATED")}
+        names = {o["name"] for o in res.get_response()["outputs"]}
+        return {n: res.as_numpy(n) for n in ("TOPK_IDS", "TOPK_LOGPROBS", "TOKEN_LOGPROBS", "GENERATED") if n in names}
 
     def topk(self, sequences, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(ids, lps) for ids, lps, _ in self.scored_topk(sequences, k)]
+
+    def scored_topk(self, sequences, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """``topk`` plus each actual next token's log-prob (None from an export that predates that output)."""
         seqs = [self.encode([s])[0] if isinstance(s, str) else list(s) for s in sequences]
         out = []
         for s in range(0, len(seqs), self.batch_size):
             part = seqs[s:s + self.batch_size]
             got = self._call(part, k, 0)
-            out += [(got["TOPK_IDS"][i, : len(q) - 1].copy(), got["TOPK_LOGPROBS"][i, : len(q) - 1].copy())
-                    for i, q in enumerate(part)]
+            targets = got.get("TOKEN_LOGPROBS")
+            out += [(got["TOPK_IDS"][i, : len(q) - 1].copy(), got["TOPK_LOGPROBS"][i, : len(q) - 1].copy(),
+                     None if targets is None else targets[i, : len(q) - 1].copy()) for i, q in enumerate(part)]
         return out
 
     def generate(self, prompts, max_new_tokens: int) -> list[list[int]]:

@@ -174,10 +174,14 @@ class HFCausalLMTeacher:
     def encode(self, texts: Sequence[str], max_length: int = 64) -> list[list[int]]:
         return encode_texts(self.tokenizer, self.start_id, texts, max_length)
 
-    @torch.inference_mode()
     def topk(self, sequences, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(ids, lps) for ids, lps, _ in self.scored_topk(sequences, k)]
+
+    @torch.inference_mode()
+    def scored_topk(self, sequences, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``topk`` plus the log-prob of each actual next token (what an API's ``echo`` reports per prompt token)."""
         seqs = [self.encode([s])[0] if isinstance(s, str) else list(s) for s in sequences]
-        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(seqs)  # type: ignore[list-item]
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * len(seqs)  # type: ignore[list-item]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch with less padding
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
@@ -185,9 +189,11 @@ class HFCausalLMTeacher:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             lp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
             top_lp, top_ids = lp.topk(k, dim=-1)  # (B, T, k)
+            target = lp[:, :-1].gather(-1, ids[:, 1:].to(lp.device).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
             for row, i in enumerate(idx):
                 n = len(seqs[i]) - 1  # positions that predict a next token
-                out[i] = (top_ids[row, :n].cpu().numpy().astype(np.int32), top_lp[row, :n].cpu().numpy())
+                out[i] = (top_ids[row, :n].cpu().numpy().astype(np.int32), top_lp[row, :n].cpu().numpy(),
+                          target[row, :n].cpu().numpy())
         return out
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

@@ -2,7 +2,8 @@
 
 Inputs: ``IDS`` (B, T) int64 right-padded token ids, ``LENGTHS`` (B,), ``K`` [1] and ``MAX_NEW_TOKENS`` [1].
 ``MAX_NEW_TOKENS`` 0: ``TOPK_IDS`` / ``TOPK_LOGPROBS`` (B, T-1, K) are the teacher's top-k next-token log-probs
-(rows past a sequence's length are padding); otherwise ``GENERATED`` (B, N) holds greedy continuations padded
+and ``TOKEN_LOGPROBS`` (B, T-1) the log-prob of each actual next token (rows past a sequence's length are
+padding); otherwise ``GENERATED`` (B, N) holds greedy continuations padded
 with -1. The other outputs are empty. The work is kdops.lm.teacher.HFCausalLMTeacher's own topk / generate;
 settings, threads and error responses are serving.backend's.
 """
@@ -42,17 +43,18 @@ class TritonPythonModel:
         top_ids = np.zeros((B, max(T - 1, 0), k), np.int32)
         top_lps = np.zeros((B, max(T - 1, 0), k), np.float32)
         generated = np.zeros((B, 0), np.int64)
+        targets = np.zeros((B, max(T - 1, 0)), np.float32)
         if new == 0:
-            for i, (tid, tlp) in enumerate(self.teacher.topk(seqs, k)):
-                top_ids[i, : len(tid)], top_lps[i, : len(tlp)] = tid, tlp
+            for i, (tid, tlp, tgt) in enumerate(self.teacher.scored_topk(seqs, k)):
+                top_ids[i, : len(tid)], top_lps[i, : len(tlp)], targets[i, : len(tgt)] = tid, tlp, tgt
         else:
-            top_ids, top_lps = top_ids[:, :0], top_lps[:, :0]
+            top_ids, top_lps, targets = top_ids[:, :0], top_lps[:, :0], targets[:, :0]
             rows = self.teacher.generate(seqs, new)
             generated = np.full((B, max([len(r) for r in rows] + [0])), -1, np.int64)
             for i, r in enumerate(rows):
                 generated[i, : len(r)] = r
         return [pb_utils.Tensor("TOPK_IDS", top_ids), pb_utils.Tensor("TOPK_LOGPROBS", top_lps),
-                pb_utils.Tensor("GENERATED", generated)]
+                pb_utils.Tensor("TOKEN_LOGPROBS", targets), pb_utils.Tensor("GENERATED", generated)]
 
     def execute(self, requests):
         responses = []
