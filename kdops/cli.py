@@ -99,6 +99,7 @@ def distill_cmd(
     from kdops.replay import ReplayBuffer
     from kdops.rounds import run_round
     from kdops.soft_labels import SoftLabelCache
+    from kdops.trainer import processes
 
     s = session(ctx)
     p = s.project
@@ -117,7 +118,8 @@ def distill_cmd(
     res = run_round(teacher, SoftLabelCache(home() / "soft_labels.sqlite"), train_rows, out, cfg,
                     val_rows=val_rows, shape=shape, champion_dir=champion, replay=replay,
                     snapshot_ids={"train": tr.id, "val": va.id if va is not None else None})
-    replay.save(replay_dir)
+    if processes().is_main:  # under torchrun / accelerate launch the main process alone writes
+        replay.save(replay_dir)
     typer.echo(f"student: {res.artifact}  history: {json.dumps(res.result.history[-1])}  cache: {json.dumps(res.cache)}")
 
 

@@ -376,6 +376,6 @@ def distill(
     extras = [projector] if projector is not None else []
     res = trainer.fit(student, batches, loss_fn, param_groups=groups, extra_modules=extras,
                       validate=validate, score=lambda r: r.get("val_accuracy", r.get("val_agreement")),
-                      on_record=on_epoch, on_epoch_start=head_only, checkpoint_dir=checkpoint_dir, progress=progress,
+                      on_record=on_epoch, on_epoch_start=head_only if cfg.head_only_epochs else None, checkpoint_dir=checkpoint_dir, progress=progress,
                       desc="distill")
     return DistillResult(res.history, res.best_epoch, res.seconds, res.samples_per_s, res.step)

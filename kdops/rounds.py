@@ -3,6 +3,10 @@
 This is what the CLI, the Prefect flows and the benchmark call: soft labels come from the cache (the
 teacher runs only on unseen texts), an incremental round starts from the champion and mixes in a replay
 sample, and the result is a safetensors artifact whose ``kdops.json`` names everything it came from.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs the round: the main process fills the soft-label cache
+while the others wait and then read it, all train together (kdops.trainer), and only the main process writes the
+artifact; the others return its result.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from kdops.errors import UserError
 from kdops.replay import ReplayBuffer
 from kdops.soft_labels import SoftLabelCache
 from kdops.student import StudentConfig, StudentModel, alternate_layers, first_layers, from_teacher
+from kdops.trainer import processes
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +158,12 @@ def run_round(
         n_replay = len(extra)
         rows = pd.concat([new_rows, extra], ignore_index=True)
     texts = rows["text"].tolist()
-    logits = None if online else cache.get_or_compute(teacher, texts, progress=progress)
+    procs = processes()
+    with procs.main_first():  # the teacher runs once, in the main process; the others read what it cached
+        logits = None if online else cache.get_or_compute(teacher, texts, progress=progress and procs.is_main)
+        val_logits = cache.get_or_compute(teacher, val_rows["text"].tolist()) if val_rows is not None and len(val_rows) else None
     train = DistillData.from_rows(rows, label_names, logits)
-    val = None
-    if val_rows is not None and len(val_rows):
-        val = DistillData.from_rows(val_rows, label_names, cache.get_or_compute(teacher, val_rows["text"].tolist()))
+    val = DistillData.from_rows(val_rows, label_names, val_logits) if val_logits is not None else None
 
     base = None
     if champion_dir is not None:
@@ -179,9 +185,14 @@ def run_round(
         details={"parent_artifact": str(champion_dir) if champion_dir else None, "incremental": champion_dir is not None,
                  "replay_rows": n_replay, "student_base": base},
     )
-    save_student(out_dir, student, tokenizer, label_names, cfg.max_length, lineage)
-    log.info("student saved to %s (%d rows, %d replayed)", out_dir, len(new_rows), n_replay)
-    return RoundResult(out_dir, result, cache.stats.to_dict(), key, len(new_rows), n_replay, lineage)
+    if procs.count > 1:
+        log.info("process %d of %d: teacher outputs %s; %d optimiser steps", procs.index, procs.count,
+                 cache.stats.to_dict(), result.steps)
+    if procs.is_main:
+        save_student(out_dir, student, tokenizer, label_names, cfg.max_length, lineage)
+        log.info("student saved to %s (%d rows, %d replayed)", out_dir, len(new_rows), n_replay)
+    # the others return once the artifact is written, with the main process's result (its history has validation)
+    return procs.broadcast(RoundResult(out_dir, result, cache.stats.to_dict(), key, len(new_rows), n_replay, lineage))
 
 
 def teacher_logits_for(teacher, cache: SoftLabelCache, rows: pd.DataFrame) -> np.ndarray:

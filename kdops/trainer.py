@@ -5,6 +5,13 @@ seeds torch; ``fit`` runs epochs or optimiser steps with gradient accumulation, 
 validation with early stopping (keeping the best weights), a progress bar, history records, and checkpoints a
 killed run resumes from exactly: safetensors for tensors (weights, optimiser state, RNG states), JSON for the rest.
 
+Scaling is configuration: started by ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu
+--num_processes N`` (gloo on CPU), every process runs the same code; the model is wrapped for data parallel (gradients
+averaged), each epoch's micro-batches are padded so that every process takes as many steps (``even_batches``),
+validation runs on the main process and its early-stopping decision is broadcast, and only the main process writes
+checkpoints. ``processes()`` gives a round the rest: main-first blocks (a cache the main process fills), a barrier,
+a broadcast.
+
 As TRL's trainers share one loop and differ in ``compute_loss``, a kind supplies ``loss_fn(model, batch,
 progress) -> (loss, logs)`` (``progress``: share of the optimiser steps done, for schedules) and a ``BatchSource``:
 one epoch's micro-batches, or an endless stream in step mode, drawn from its own seeded RNG, whose state a
@@ -14,15 +21,18 @@ checkpoint keeps so that a resumed run draws what the uninterrupted run would ha
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -160,6 +170,80 @@ class Trainer:
         return run.train(progress, desc)
 
 
+@dataclass(frozen=True)
+class Processes:
+    """The processes of one run: ``count`` of them under a launcher, one when started plainly (then every method is
+    free and touches no distributed state)."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def wait(self) -> None:
+        """Every process waits here until all have arrived."""
+        if self.count > 1:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """The main process runs the block first (fills a cache); the others wait for it, then run the block (and
+        find the cache full)."""
+        if not self.is_main:
+            self.wait()
+        yield
+        if self.is_main:
+            self.wait()
+
+    def broadcast(self, value):
+        """The main process's ``value`` on every process (an in-memory object; the others block until it is sent)."""
+        if self.count == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+@functools.cache
+def _warn_one_cpu_process() -> None:
+    log.warning("`accelerate launch --cpu` started a single process; for several CPU processes use "
+                "`accelerate launch --multi_gpu --num_processes N` (gloo on a machine without GPUs) or torchrun.")
+
+
+def processes(device: str = "auto") -> Processes:
+    """This run's processes. Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) this joins the process
+    group accelerate sets up, the one the trainer then uses (gloo on CPU); a plain start touches nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if os.environ.get("MASTER_ADDR") and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+            _warn_one_cpu_process()  # accelerate's --cpu launcher starts one process unless given an MPI hostfile
+        return Processes()
+    from accelerate.state import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    return Processes(state.process_index, state.num_processes)
+
+
+def even_batches(batches: list, count: int) -> list:
+    """One epoch's micro-batches padded for ``count`` processes taking every ``count``-th one, as accelerate's
+    ``even_batches`` pads a batch sampler: a short batch of row indices (a numpy array) is completed with rows from
+    the start of the epoch, and batches from the start are repeated until every process gets as many; so every
+    process takes the same number of optimiser steps (a process left with one step fewer would hang its peers
+    in the gradient all-reduce)."""
+    if count <= 1 or not batches:
+        return batches
+    out = list(batches)
+    if isinstance(out[0], np.ndarray):
+        size = max(len(b) for b in out)
+        rows = np.concatenate(out)
+        reps = -(-size // len(rows))  # fewer rows in the epoch than one batch: cycle them
+        start = np.tile(rows, reps)
+        out = [b if len(b) == size else np.concatenate([b, start[:size - len(b)]]) for b in out]
+    out += [out[i % len(batches)] for i in range(-len(out) % count)]
+    return out
+
+
 def _accelerator(cpu: bool, mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
@@ -188,6 +272,11 @@ class _Fit:
         groups = list(groups) + [{"params": list(m.parameters()), "lr": cfg.lr} for m in self.extras]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in opt.param_groups]
+        if on_epoch_start is not None and acc.num_processes > 1:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # on_epoch_start may freeze parameters: data parallel must not wait for gradients they no longer get
+            acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.model, self.opt = acc.prepare(model, opt)
         if trainer.compile:
             self.model = torch.compile(self.model)
@@ -239,6 +328,8 @@ class _Fit:
             self.on_epoch_start(epoch)
         per_batch = 1.0 / (max(1, self.total) * cfg.grad_accum * acc.num_processes)
         drawn = self.source.epoch(epoch, s.epoch_start_step / max(1, self.total), per_batch)
+        if acc.num_processes > 1 and self.source.batches_per_epoch is not None:
+            drawn = even_batches(list(drawn), acc.num_processes)
         mine = itertools.islice(drawn, acc.process_index, None, acc.num_processes)  # this process's share
         it = itertools.islice(mine, s.batches_done, None)  # skip what a resumed run already trained on
         while s.step < self.total and not s.stopped:

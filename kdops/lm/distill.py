@@ -26,7 +26,7 @@ from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.student import LMStudent
 from kdops.lm.teacher import LMTeacher, pad_batch
 from kdops.losses import lm_ce_loss, sequence_kd_loss, token_kd_loss
-from kdops.trainer import Trainer, TrainerConfig
+from kdops.trainer import Trainer, TrainerConfig, processes
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,9 @@ def distill_round(student: LMStudent, teacher: LMTeacher, cache: LMSoftLabelCach
         raise ValueError("distill_round needs at least one sequence of two or more tokens.")
     pool = new + old
     t0 = time.perf_counter()
-    topk, gens = _teacher_outputs(teacher, cache, pool, cfg, progress)
+    procs = processes(device)
+    with procs.main_first():  # under a launcher the teacher runs in the main process; the others read the cache
+        topk, gens = _teacher_outputs(teacher, cache, pool, cfg, progress and procs.is_main)
     teacher_seconds = time.perf_counter() - t0
     if cfg.freeze_embeddings:
         student.model.get_input_embeddings().weight.requires_grad_(False)

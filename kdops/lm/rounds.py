@@ -27,6 +27,7 @@ from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_studen
 from kdops.lm.tail import TailConfig, fit_tail, fit_tail_head
 from kdops.lm.teacher import HFCausalLMTeacher
 from kdops.replay import ReplayBuffer, fraction_to_share
+from kdops.trainer import processes
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,13 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
                  "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,
                  "monitor_sequences": len(monitor_texts), **lin},
     )
-    out = save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin, max_length=max_length).path
+    procs = processes(device)
+    if procs.is_main:  # under a launcher every process trained the same weights; the main one writes them
+        save_lm_student(out_dir, student.cpu(), teacher.tokenizer, lineage=lin, max_length=max_length)
     info = {k: v for k, v in res.items() if k != "history"}
     info.update(layers=layers, tail=tail_info, tail_head=head_info, calibration_sequences=len(calibration),
                 seconds=round(time.perf_counter() - t0, 1))
-    return LMRoundResult(Path(out), res["history"], info)
+    return procs.broadcast(LMRoundResult(Path(out_dir), res["history"], info))
 
 
 def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_domain: Mapping[str, Sequence[str]],
