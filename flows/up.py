@@ -69,6 +69,8 @@ class UpConfig:
     recipe: str = field(default="", metadata={"help": "A first round's recipe name ('' : the kind's default); rounds continuing a champion use its kind's incremental recipe."})
     retrain_cron: str = field(default="", metadata={"help": "Cron (5 fields, UTC) for retraining rounds on newly arrived data ('' : none)."})
     retrain_interval_s: float = field(default=0.0, metadata={"help": "Or an interval in seconds between such rounds (0: none)."})
+    openai_port: int = field(default=0, metadata={"help": "Port of the OpenAI-compatible front started when the kind generates text (0: a free one; -1: no front)."})
+    work_pool: str = field(default="", metadata={"help": "Register the deployments on this Prefect process work pool and run them in `prefect worker` processes (flows/workpool.py); empty: prefect.serve in this process."})
 
     def __post_init__(self) -> None:
         from kdops import kinds
@@ -224,9 +226,18 @@ def run_up(cfg: UpConfig, echo=print) -> None:
             version = champion.version if champion else None
             label_names = _deploy_champion(ctx, triton, champion, echo) if champion else None
             stack.enter_context(TritonWatchdog(triton))  # a dead tritonserver is started again, serving what it served
+            front = _openai_front(stack, ctx, triton, cfg, champion)
+            if front is not None:
+                echo(f"OpenAI API: {front.url}/v1 (model {ctx.model}; clients switch from the teacher's by base URL)")
             _announce(echo, prefect, paths, ctx, triton, cfg, version)
             _first_scan(ctx, cfg, echo)
-            _serve(build_deployments(ctx, cfg, label_names, eval_id), cfg.for_seconds, echo)
+            if cfg.work_pool:  # the same deployments, run by `prefect worker` processes (here and on other machines)
+                from flows.workpool import serve_on_pool
+
+                serve_on_pool(build_deployments(ctx, cfg, label_names, eval_id), cfg.work_pool, prefect.url,
+                              paths.prefect / "worker.log", cfg.for_seconds, echo, poll_s=poll)
+            else:
+                _serve(build_deployments(ctx, cfg, label_names, eval_id), cfg.for_seconds, echo)
     except (_Stop, KeyboardInterrupt, SystemExit) as e:
         # SystemExit: the Prefect runner's own SIGTERM handler stops it and exits; the servers are already
         # stopped by the ExitStack when this runs.
@@ -308,6 +319,21 @@ def _check_scheduler_deps(echo) -> None:
     if tuple(int(x) for x in v.split(".")[:2]) >= (2, 1):
         echo(f"WARNING: SQLAlchemy {v} breaks the embedded Prefect server's scheduler (no scheduled run is ever "
              "created; deployments still run on demand). Install sqlalchemy<2.1.")
+
+
+def _openai_front(stack, ctx: LoopContext, triton, cfg: UpConfig, champion: Champion | None):
+    """An OpenAI-compatible front over the served model when the task kind generates text (a causal LM): it calls
+    the stable model name, so every later swap is invisible to its clients."""
+    from kdops import kinds
+
+    if cfg.openai_port < 0 or not kinds.get(cfg.kind).serving.generates:
+        return None
+    from serving.openai_front import FrontConfig, OpenAIFront
+
+    tokenizer = str(Artifact.read(champion.artifact).path) if champion else ""  # counts prompt tokens in usage
+    front = OpenAIFront(FrontConfig(triton.url, ctx.model, grpc_url=triton.grpc_url, tokenizer=tokenizer,
+                                    port=cfg.openai_port))
+    return stack.enter_context(front)
 
 
 def _deploy_champion(ctx: LoopContext, triton, champion: Champion, echo) -> list[str]:

@@ -495,8 +495,51 @@ class ApiLMTeacher:
     def num_parameters(self) -> None:
         return None
 
+    @property
+    def max_topk(self) -> int:
+        return min(self.cfg.top_logprobs, 20)  # vLLM's and OpenAI's limit on alternatives per position
+
     def usage_since(self, t0: float) -> dict[str, int]:
         return self.answers.usage_since(t0, self.id)
+
+    def token_level_for(self, sequences) -> bool:
+        """Whether the server returns top-k log-probs over the same token ids as the local tokenizer (tried on
+        ``sequences``, which are then cached)."""
+        try:
+            self.topk(sequences, self.max_topk)
+        except TokenizerMismatch:
+            return False
+        return True
+
+    def new_student(self, layers: int, seed: int = 0):
+        """A first student with no local teacher weights: the architecture in the tokenizer directory's
+        ``config.json`` with ``layers`` layers, randomly initialised."""
+        from transformers import AutoConfig
+
+        from kdops.lm.student import from_config
+
+        if not (Path(self.cfg.tokenizer) / "config.json").is_file():
+            raise UserError(f"a first causal-LM round with an API teacher builds its student from a model config: put "
+                            f"one (config.json) beside the tokenizer in {self.cfg.tokenizer}, or continue a champion.")
+        config = AutoConfig.from_pretrained(self.cfg.tokenizer)
+        config.num_hidden_layers = layers
+        return from_config(config, self.vocab_size, seed=seed)
+
+    def scores(self, sequences) -> list[tuple[float, int, np.ndarray]]:
+        """Per sequence (summed NLL of its predicted tokens, their count, top-1 id at each position), from the
+        server's prompt log-probs (echo) plus one generated token for the last position's top-1."""
+        def one(seq):
+            res = self.api.call("completions", prompt=seq, max_tokens=1, echo=True, logprobs=1, temperature=0,
+                                extra_body={"return_tokens_as_token_ids": True})
+            lp = res.choices[0].logprobs
+            if lp is None or not lp.token_logprobs or not lp.top_logprobs:
+                raise ApiTeacherError(f"API teacher {self.cfg.model}: no prompt log-probs (echo) to score text with.")
+            nll = -sum(v for v in lp.token_logprobs[1:len(seq)] if v is not None)
+            top1 = [max(t.items(), key=lambda x: x[1])[0] if t else "token_id:0" for t in lp.top_logprobs[1:len(seq) + 1]]
+            return [nll, len(seq) - 1, [_token_id(t) for t in top1]]
+
+        rows = self._cached("scores", [list(map(int, s)) for s in sequences], one)
+        return [(float(n), int(c), np.asarray(t, np.int32)) for n, c, t in rows]
 
     def encode(self, texts: Sequence[str], max_length: int = 64) -> list[list[int]]:
         from kdops.lm.teacher import encode_texts
@@ -537,8 +580,11 @@ class ApiLMTeacher:
         k = min(k, self.cfg.top_logprobs)
 
         def one(seq):
-            res = self.api.call("completions", prompt=seq, max_tokens=0, echo=True, logprobs=k, temperature=0,
-                                extra_body={"return_tokens_as_token_ids": True})
+            try:
+                res = self.api.call("completions", prompt=seq, max_tokens=0, echo=True, logprobs=k, temperature=0,
+                                    extra_body={"return_tokens_as_token_ids": True})
+            except self.api._openai.BadRequestError as e:
+                raise TokenizerMismatch(f"the server refused a token-id prompt with echo ({_one_line(e)})") from None
             lp = res.choices[0].logprobs
             if lp is None or not lp.top_logprobs:
                 raise TokenizerMismatch("the server returned no prompt log-probs")

@@ -126,7 +126,8 @@ def test_chat_and_streams_join_to_the_plain_answer(served):
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content) > 1 and "".join(content) == want  # streamed in pieces, joining to the plain answer
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    finish = "length" if chat.usage.completion_tokens == 8 else "stop"  # 8 tokens: the budget ran out
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason == finish
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
     abandoned = api.completions.create(model="student", prompt=PROMPTS[0], max_tokens=16, stream=True)
@@ -323,3 +324,116 @@ def test_shipped_smollm2_teacher_answers_through_the_front(served):
             assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
     finally:
         _triton(served).unload("smollm2")
+
+
+# -- kdops' own API teacher against the front: the same model's numbers, through HTTP
+
+TEXTS = ["this movie was good and fun", "the plot was awful and boring", "i love this phone", "the screen is dull",
+         "what a wonderful story", "the battery is the worst", "a very nice actor", "this book was sad"]
+
+
+def _api_cfg(served, tmp_path, front: str = "teacher", model: str = "lmteacher", **kw):
+    from kdops.api_teacher import ApiTeacherConfig
+
+    return ApiTeacherConfig(base_url=served[front].url + "/v1", model=model, tokenizer=str(served["teacher_dir"]),
+                            cache=str(tmp_path / "answers.sqlite"), **kw)
+
+
+def test_a_classifier_round_whose_teacher_is_a_small_lm_answering_label_words(served, tmp_path):
+    """Soft labels by the label words' log-likelihood through the front equal the in-process computation on the
+    same weights (JS divergence), are cached (a second pass makes no call), and distil a classifier student."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdops.api_teacher import ApiClassifierTeacher
+    from kdops.rounds import StudentShape, run_round
+    from kdops.distill import DistillConfig
+    from kdops.soft_labels import SoftLabelCache
+    from kdops.artifacts import Artifact
+
+    cfg = _api_cfg(served, tmp_path, labels=("neg", "pos"), label_words=(("neg", "bad"), ("pos", "good")),
+                   prompt="{text} . it was")
+    teacher = ApiClassifierTeacher(cfg)
+    probs, methods = teacher.probabilities(TEXTS)
+    assert methods == ["echo"] * len(TEXTS)
+    # in process: log p(word | prompt) from the same weights, the start token first as the front sends it
+    tok = AutoTokenizer.from_pretrained(str(served["teacher_dir"]))
+    model = AutoModelForCausalLM.from_pretrained(str(served["teacher_dir"])).eval()
+    start = tok.convert_tokens_to_ids("<|endoftext|>")
+    local = []
+    for text in TEXTS:
+        ids = [start] + tok(teacher.prompt(text), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], -1)
+        s = torch.stack([lp[tok.convert_tokens_to_ids(w)] for w in ("bad", "good")])
+        local.append(torch.softmax(s, 0).numpy())
+    local = np.stack(local)
+    m = (probs + local) / 2
+    js = 0.5 * (probs * np.log(probs / m)).sum(1) + 0.5 * (local * np.log(local / m)).sum(1)
+    assert js.max() < 1e-6, js
+    asked = teacher.usage_since(0)["requests"]
+    again = ApiClassifierTeacher(cfg)
+    np.testing.assert_allclose(again.logits(TEXTS), teacher.logits(TEXTS))
+    assert again.usage_since(0)["requests"] == asked  # a re-run makes no call
+    import pandas as pd
+
+    from kdops.data import from_rows
+
+    rows = from_rows(pd.DataFrame({"text": TEXTS, "label": ["pos", "neg"] * 4, "domain": "a"}), ("neg", "pos")).rows
+    res = run_round(again, SoftLabelCache(tmp_path / "soft.sqlite"), rows, tmp_path / "student",
+                    DistillConfig(epochs=1, batch_size=8), shape=StudentShape(layers=1, embedding_size=8, intermediate_size=32))
+    art = Artifact.read(res.artifact)
+    assert list(art.label_names) == ["neg", "pos"] and art.lineage.teacher_id == teacher.id
+
+
+def test_an_lm_round_whose_teacher_is_the_front(served, tmp_path):
+    """Token-level KD when the front returns top-k over our token ids (the numbers Triton's teacher gives
+    directly), plus sequence-level KD on its generations; evaluation scores text through the front as the local
+    teacher does. Against the student's front (no log-probs) the round falls back to sequence-level KD only."""
+    from kdops.api_teacher import ApiLMTeacher
+    from kdops.artifacts import Artifact
+    from kdops.lm.cache import LMSoftLabelCache
+    from kdops.lm.distill import LMDistillConfig
+    from kdops.lm.rounds import LMShape, evaluate_lm, run_lm_round
+    from kdops.lm.teacher import HFCausalLMTeacher
+    from serving.teacher import TritonLMTeacher
+
+    teacher = ApiLMTeacher(_api_cfg(served, tmp_path))
+    cache = LMSoftLabelCache(tmp_path / "lm.sqlite")
+    distill = LMDistillConfig(steps=6, batch_size=4, alpha=0.5, topk=8, seq_kd_weight=0.5, seq_kd_new_tokens=4)
+    res = run_lm_round(teacher, cache, TEXTS, tmp_path / "s1", distill, LMShape(layers=1, trim_vocab=None, tail_rank=0),
+                       max_length=16, progress=False)
+    art = Artifact.read(res.artifact)
+    assert art.lineage.details["teacher_kd"] == "token-level (top 8) and sequence-level"
+    assert art.lineage.teacher_id == teacher.id and cache.count(teacher.id) == len(TEXTS)
+    seqs = teacher.encode(TEXTS, 16)
+    direct = TritonLMTeacher(served["server"].url, "lmteacher").topk(seqs, 8)
+    for (ids, lps), (d_ids, d_lps) in zip(teacher.topk(seqs, 8), direct):
+        np.testing.assert_array_equal(ids, d_ids)
+        np.testing.assert_allclose(lps, d_lps, atol=1e-4)
+    report = evaluate_lm(art.path, teacher, {"a": TEXTS}, max_length=16, cache=cache)
+    local = evaluate_lm(art.path, HFCausalLMTeacher(served["teacher_dir"]), {"a": TEXTS}, max_length=16)
+    assert abs(report.teacher["ppl"] - local.teacher["ppl"]) < 1e-3 * local.teacher["ppl"]
+    assert report.agreement_top1 == local.agreement_top1 and report.teacher["params"] is None
+
+    seq_only = ApiLMTeacher(_api_cfg(served, tmp_path, front="student", model="student"))
+    res2 = run_lm_round(seq_only, LMSoftLabelCache(tmp_path / "lm2.sqlite"), TEXTS, tmp_path / "s2", distill,
+                        LMShape(layers=1, trim_vocab=None, tail_rank=0), max_length=16, progress=False)
+    art2 = Artifact.read(res2.artifact)
+    assert art2.lineage.details["teacher_kd"] == "sequence-level only (no matching token log-probs)"
+    assert res2.info["generation_cache"]["misses"] == len(TEXTS) and res2.info["cache"]["misses"] == 0
+
+
+def test_kdops_up_fronts_a_generating_champion(served, tmp_path):
+    """What `kdops up` starts for a causal-LM task: a front over the stable served name, answering as Triton does."""
+    from contextlib import ExitStack
+
+    from flows.tasks import LoopContext
+    from flows.up import UpConfig, _openai_front
+
+    ctx = LoopContext(home=str(tmp_path), model="gen")
+    with ExitStack() as stack:
+        assert _openai_front(stack, ctx, served["server"], UpConfig(home=str(tmp_path), kind="classifier"), None) is None
+        front = _openai_front(stack, ctx, served["server"], UpConfig(home=str(tmp_path), kind="causal-lm"), None)
+        got = _api(front).completions.create(model="gen", prompt=PROMPTS[0], max_tokens=5).choices[0].text
+    assert got == _triton(served).generate("gen", PROMPTS[:1], max_tokens=5, temperature=0.0).texts[0]

@@ -33,6 +33,10 @@ class CausalLMKind:
 
     def load_teacher(self, spec: TeacherSpec | str | Path, device: str = "cpu", remote: RemoteTeacherLoader | None = None):
         spec = TeacherSpec.of(spec)
+        if spec.api is not None:  # its student comes from a model config beside the local tokenizer
+            from kdops.api_teacher import ApiLMTeacher
+
+            return ApiLMTeacher(spec.api)
         if spec.remote:  # an LM student is carved from its teacher's layers: it needs the weights here
             raise UserError(f"a causal-LM round needs a local teacher directory; {spec} is a served teacher.")
         from kdops.lm.teacher import HFCausalLMTeacher

@@ -10,10 +10,11 @@ speed and peak memory; returns an ``LMReport`` whose summary the LM gate reads.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,13 +22,15 @@ from kdops.artifacts import Lineage
 from kdops.lm.cache import LMSoftLabelCache
 from kdops.lm.distill import LMDistillConfig, distill_round, replay_sample
 from kdops.lm.evaluate import (LMEvalConfig, LMReport, measure_generation, measure_generation_paired, perplexity,
-                               scores_perplexity, teacher_scores, top1_agreement)
+                               scores_perplexity, top1_agreement)
 from kdops.lm.student import (corpus_vocabulary, layer_influence, load_lm_student, prune_layers, prune_mlp,
                                save_lm_student, select_by_influence, select_layers)
 from kdops.lm.tail import TailConfig, fit_tail, fit_tail_head
 from kdops.lm.teacher import HFCausalLMTeacher
 from kdops.replay import ReplayBuffer, fraction_to_share
 from kdops.trainer import processes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,11 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
         calibration = [s for i, s in enumerate(seqs) if i in held]
         if tail.holdout:
             seqs = [s for i, s in enumerate(seqs) if i not in held]
+    kd_note = None
+    if not hasattr(teacher, "model"):  # served elsewhere (an API): no layers to carve, maybe no top-k to match
+        cfg, kd_note = _remote_teacher_cfg(teacher, cfg, seqs)
+        if student is None:
+            student, layers = teacher.new_student(shape.layers, seed=cfg.seed), list(range(shape.layers))
     if student is None:
         keep = None
         if shape.trim_vocab is not None:
@@ -135,7 +143,7 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
                  "parent_artifact": str(champion_dir) if champion_dir else None, "sequences": len(seqs),
                  "replay": len(replay_seqs), "tail": tail_info, "tail_head": head_info,
                  "calibration_sequences": len(calibration), "calibration_held_out": tail.holdout,
-                 "monitor_sequences": len(monitor_texts), **lin},
+                 "monitor_sequences": len(monitor_texts), "teacher_kd": kd_note, **lin},
     )
     procs = processes(device)
     if procs.is_main:  # under a launcher every process trained the same weights; the main one writes them
@@ -144,6 +152,16 @@ def run_lm_round(teacher: HFCausalLMTeacher, cache: LMSoftLabelCache, texts: Seq
     info.update(layers=layers, tail=tail_info, tail_head=head_info, calibration_sequences=len(calibration),
                 seconds=round(time.perf_counter() - t0, 1))
     return procs.broadcast(LMRoundResult(Path(out_dir), res["history"], info))
+
+
+def _remote_teacher_cfg(teacher, cfg: LMDistillConfig, seqs) -> tuple[LMDistillConfig, str]:
+    """A teacher without local weights: token-level KD over the top-k it can return (at most ``max_topk``) when its
+    token ids are ours; else sequence-level KD on its generations only (said in the log and the lineage)."""
+    if teacher.token_level_for(seqs[:1]):
+        return replace(cfg, topk=min(cfg.topk, teacher.max_topk)), f"token-level (top {min(cfg.topk, teacher.max_topk)}) and sequence-level"
+    log.warning("teacher %s: its token ids are not the student's (or it returns no log-probs): sequence-level KD only",
+                teacher.id)
+    return replace(cfg, alpha=1.0, seq_kd_weight=max(cfg.seq_kd_weight, 1.0)), "sequence-level only (no matching token log-probs)"
 
 
 def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_domain: Mapping[str, Sequence[str]],
@@ -156,8 +174,8 @@ def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_do
 
     def score(seqs):
         if cache is None:
-            return teacher_scores(teacher.model, seqs, teacher.pad_id)
-        return cache.get_or_compute_scores(teacher.id, seqs, lambda part: teacher_scores(teacher.model, part, teacher.pad_id))
+            return teacher.scores(seqs)
+        return cache.get_or_compute_scores(teacher.id, seqs, teacher.scores)
 
     by_domain, all_seqs, all_scores = {}, [], []
     t_tot, s_tot = {"nll": 0.0, "tokens": 0}, {"nll": 0.0, "tokens": 0}
@@ -179,7 +197,9 @@ def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_do
              "params": teacher.num_parameters()}
     s_all = {"ppl": math.exp(s_tot["nll"] / max(1, s_tot["tokens"])), "tokens": s_tot["tokens"],
              "params": student.num_parameters()}
-    if speed:
+    if speed and getattr(teacher, "directory", None) is None:  # a teacher behind an API: no local speed to compare
+        log.info("teacher %s has no local weights: speed not measured", teacher.id)
+    elif speed:
         prompts = [s[: eval_cfg.gen_prompt_tokens] for s in all_seqs[: eval_cfg.gen_prompts]]
         # Memory (and each model's speed alone) in one fresh process per model; the reported tokens/s from both
         # models in one process, alternating prompt by prompt, so a slow phase of the machine slows both.
@@ -192,7 +212,6 @@ def evaluate_lm(student_dir: str | Path, teacher: HFCausalLMTeacher, texts_by_do
             into.update(tokens_per_s_alone=alone[kind]["tokens_per_s"], tokens_per_s=paired[kind]["tokens_per_s"],
                         tokens_per_s_paired=paired[kind]["rates"])
         s_all["speedup_median_of_pairs"] = paired["speedup_median_of_pairs"]
-    agree = top1_agreement(teacher.model, student, all_seqs[:200], teacher.pad_id,
-                           teacher_top1=[x[2] for x in all_scores[:200]])
+    agree = top1_agreement(None, student, all_seqs[:200], teacher.pad_id, teacher_top1=[x[2] for x in all_scores[:200]])
     return LMReport(teacher=t_all, student=s_all, agreement_top1=agree,
                     ppl_by_domain={d: {"teacher": v["teacher"], "student": v["student"]} for d, v in by_domain.items()})

@@ -198,3 +198,9 @@ class HFCausalLMTeacher:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         return greedy_generate(self.model, prompts, max_new_tokens, self.pad_id, self.eos_id, self.batch_size)
+
+    def scores(self, sequences: Sequence[Sequence[int]]) -> list[tuple[float, int, np.ndarray]]:
+        """Per sequence (summed NLL of its predicted tokens, their count, the top-1 id at each position)."""
+        from kdops.lm.evaluate import teacher_scores
+
+        return teacher_scores(self.model, sequences, self.pad_id)
