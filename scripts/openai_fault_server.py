@@ -157,7 +157,10 @@ def make_handler(state: State, answerer: Answerer):
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # a client that timed out on a slow answer
+                self.close_connection = True
 
         def do_GET(self):
             if self.path.rstrip("/") == "/stats":
