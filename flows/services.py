@@ -45,11 +45,17 @@ class PrefectServer:
         if self.external:
             return self
         (self.home / "prefect").mkdir(parents=True, exist_ok=True)
+        # The database is configuration: $KDOPS_PREFECT_DATABASE_URL or Prefect's own setting (a postgresql+asyncpg
+        # URL, what Prefect recommends beyond one machine), else a SQLite file under the home. Both names are set
+        # below: Prefect reads PREFECT_SERVER_DATABASE_CONNECTION_URL before its older alias PREFECT_API_....
+        db = (os.environ.get("KDOPS_PREFECT_DATABASE_URL") or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+              or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+              or f"sqlite+aiosqlite:///{self.home / 'prefect' / 'prefect.db'}")
         # PREFECT_UI_API_URL: the UI's /ui-settings otherwise name port 4200 whatever port the server listens on, and
         # the UI that `kdops up` prints cannot reach its API.
         env = dict(os.environ, PREFECT_HOME=str(self.home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_UI_API_URL=self.url,
-                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{self.home / 'prefect' / 'prefect.db'}")
+                   PREFECT_UI_API_URL=self.url, PREFECT_SERVER_DATABASE_CONNECTION_URL=db,
+                   PREFECT_API_DATABASE_CONNECTION_URL=db)
         env.pop("PREFECT_API_URL", None)
         log = open(self.home / "prefect" / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
