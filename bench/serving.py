@@ -148,6 +148,46 @@ def control_run(server, seconds, clients, steady_p99_ms) -> dict:
                 control_requests_over_3x=int((lat * 1000 > 3 * steady_p99_ms).sum()))
 
 
+def proc_counts(pids) -> dict:
+    """Resident memory (MB), open file descriptors and threads over the server's processes."""
+    fds = threads = 0
+    for pid in pids:
+        try:
+            fds += len(list(Path(f"/proc/{pid}/fd").iterdir()))
+            threads += int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("Threads:")))
+        except (OSError, StopIteration):
+            pass
+    return {"rss_mb": round(rss_kb(pids) / 1024, 1), "fds": fds, "threads": threads}
+
+
+def soak(server, students, n, clients, cfg) -> dict:
+    """``n`` hot swaps back to back under ``clients`` closed-loop clients: failures, and the server's memory, file
+    descriptors and threads after the first tenth of the swaps (allocator and caches warm) against the end."""
+    from serving.swap import hot_swap
+
+    trace, done = [], [0]
+
+    def swaps():
+        trace.append({"swaps": 0, **proc_counts(server.pids())})
+        for i in range(n):
+            hot_swap(server, "student", students[(i + 1) % 2], cfg=cfg)
+            done[0] += 1
+            if (i + 1) % max(1, n // 10) == 0:
+                trace.append({"swaps": i + 1, **proc_counts(server.pids())})
+
+    t0 = time.perf_counter()
+    lat, errs, rps = load(server.url, "student", clients, 0, stop_when=swaps)
+    warm, end = trace[1] if len(trace) > 2 else trace[0], trace[-1]
+
+    def growth(k):
+        return round(100.0 * (end[k] - warm[k]) / max(warm[k], 1), 2)
+
+    return {"soak_swaps": done[0], "soak_seconds": round(time.perf_counter() - t0, 1), "soak_requests": len(lat),
+            "soak_failed": len(errs), "soak_errors": errs[:5], "soak_p99_ms": pct(lat, 99),
+            "soak_rss_growth_pct": growth("rss_mb"), "soak_fd_growth": end["fds"] - warm["fds"],
+            "soak_thread_growth": end["threads"] - warm["threads"], "soak_trace": trace}
+
+
 def rss_kb(pids):
     total = 0
     for pid in pids:
@@ -227,6 +267,8 @@ def main() -> None:
                          "first is measured beside them; torch: the torch students only, as before ONNX.")
     ap.add_argument("--client", choices=("grpc-async", "http-threads"), default="grpc-async",
                     help="Load generator: one asyncio gRPC process, or one HTTP client thread per client in this process.")
+    ap.add_argument("--soak", type=int, default=0, help="Only a soak: this many hot swaps under --clients, with the "
+                                                         "server's memory, file descriptors and threads (0: the full bench).")
     args = ap.parse_args()
 
     from serving.client import ServingClient, ServingError
@@ -254,6 +296,15 @@ def main() -> None:
         # front of the hot-swap slots) and called directly (a plain model, no ensemble). The gain of record
         # compares the two stable-name arms, so batching is the only difference; the direct pair and the
         # ensemble's own cost are reported beside it.
+        if args.soak:
+            deploy(server, "student", students[0], cfg=cfg)
+            res.update(soak(server, students, args.soak, args.clients, cfg))
+            for k in ("soak_swaps", "soak_seconds", "soak_requests", "soak_failed", "soak_p99_ms", "soak_rss_growth_pct",
+                      "soak_fd_growth", "soak_thread_growth"):
+                print(f"{k:<24}{res[k]}")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2))
+            return
         nobatch_cfg = replace(cfg, export=replace(cfg.export, dynamic_batching=False))
         deploy(server, "student", students[0], cfg=cfg)
         deploy(server, "nobatch", students[0], cfg=nobatch_cfg)
