@@ -193,7 +193,9 @@ def openai_cmd(url: str = UrlOption, grpc_url: str = GrpcOption, model: str = Mo
                                               "(kdops_kind lm-teacher); for a student it only counts prompt tokens."),
                served_name: str = typer.Option(None, "--served-name", help="Model id clients send (default: --model)."),
                host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-               port: int = typer.Option(8080, "--port", help="Port to listen on (0: a free one).")) -> None:
+               port: int = typer.Option(8080, "--port", help="Port to listen on (0: a free one)."),
+               api_key_env: str = typer.Option("", "--api-key-env", help="Environment variable holding the key clients "
+                                               "must send (Authorization: Bearer KEY); empty: no key.")) -> None:
     """An OpenAI-compatible HTTP front (/v1/models, /v1/completions, /v1/chat/completions, streaming) over a served
     causal-LM student or LM teacher; clients point their base URL at it. Runs until Ctrl-C."""
     from serving.openai_front import FrontConfig, serve_forever
@@ -203,7 +205,7 @@ def openai_cmd(url: str = UrlOption, grpc_url: str = GrpcOption, model: str = Mo
         raise typer.Exit(2)
     try:
         cfg = FrontConfig(url, model, grpc_url=grpc_url or "", served_name=served_name or "",
-                          tokenizer=str(tokenizer or ""), host=host, port=port)
+                          tokenizer=str(tokenizer or ""), host=host, port=port, api_key_env=api_key_env)
         serve_forever(cfg, lambda base: typer.echo(json.dumps({"base_url": base + "/v1", "model": cfg.name})))
     except ValueError as e:
         _fail(e)

@@ -21,8 +21,10 @@ reaches it through ``serving.client.ServingClient`` and ``serving.teacher.Triton
 
 # No `from __future__ import annotations`: FastAPI reads the route parameters' annotations (Request) at runtime.
 import asyncio
+import hmac
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -53,6 +55,7 @@ class FrontConfig:
     timeout_s: float = field(default=120.0, metadata={"help": "Longest wait for one Triton call or streamed piece."})
     max_n: int = field(default=16, metadata={"help": "The most answers per prompt (n) a request may ask for."})
     teacher_batch: int = field(default=16, metadata={"help": "LM teacher: sequences per Triton call."})
+    api_key_env: str = field(default="", metadata={"help": "Environment variable holding the key clients must send as `Authorization: Bearer KEY` (empty: no key; the front is then as open as its address)."})
     threads: int = field(default=32, metadata={"help": "Threads that call Triton: the most requests in flight at once."})
 
     def __post_init__(self) -> None:
@@ -630,6 +633,19 @@ def create_app(front: Front):
 
     def ok(payload: dict) -> Response:
         return Response(json.dumps(payload, ensure_ascii=False), media_type="application/json")
+
+    key = os.environ.get(front.cfg.api_key_env, "") if front.cfg.api_key_env else ""
+    if front.cfg.api_key_env and not key:
+        raise ValueError(f"${front.cfg.api_key_env} is empty: set the key the front's clients must send, or no api_key_env.")
+
+    @app.middleware("http")
+    async def _key(request: Request, call_next):  # inference behind a key, as hosted APIs are; /health stays open
+        if key and request.url.path != "/health":
+            sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(sent.encode(), key.encode()):
+                err = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
 
     @app.get("/v1/models")
     async def models():

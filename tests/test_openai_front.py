@@ -437,3 +437,16 @@ def test_kdops_up_fronts_a_generating_champion(served, tmp_path):
         front = _openai_front(stack, ctx, served["server"], UpConfig(home=str(tmp_path), kind="causal-lm"), None)
         got = _api(front).completions.create(model="gen", prompt=PROMPTS[0], max_tokens=5).choices[0].text
     assert got == _triton(served).generate("gen", PROMPTS[:1], max_tokens=5, temperature=0.0).texts[0]
+
+
+def test_a_front_with_a_key_refuses_requests_without_it(served, monkeypatch):
+    from serving.openai_front import FrontConfig, OpenAIFront
+
+    monkeypatch.setenv("KDOPS_TEST_FRONT_KEY", "sk-front-test")
+    cfg = FrontConfig(served["server"].url, "gen", grpc_url=served["server"].grpc_url, api_key_env="KDOPS_TEST_FRONT_KEY")
+    with OpenAIFront(cfg) as front:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=front.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+        keyed = openai.OpenAI(base_url=front.url + "/v1", api_key="sk-front-test")
+        got = keyed.completions.create(model="gen", prompt=PROMPTS[0], max_tokens=3).choices[0].text
+    assert got == _triton(served).generate("gen", PROMPTS[:1], max_tokens=3, temperature=0.0).texts[0]
