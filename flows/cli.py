@@ -112,10 +112,12 @@ def up(
     repository: Path = typer.Option(None, "--repository", help="Triton model repository as seen from here (default: <home>/triton-repo)."),
     model: str = typer.Option(None, "--model", help="Registered and served model name (default: kdops.toml's [serve] model, else kdops-student)."),
     for_seconds: float = typer.Option(None, "--for-seconds", min=1, help="Stop after this many seconds (tests, smoke runs); default: until Ctrl-C or SIGTERM."),
+    work_pool: str = typer.Option("", "--work-pool", help="Register the deployments on this Prefect process work pool (created if missing) and run them in "
+                                  "`prefect worker` processes: one started here, more with `prefect worker start --pool NAME` elsewhere."),
 ) -> None:
     """Run the loop as a service: Prefect API + MLflow store + Triton, serving the monitor / distill / promote / review
     (and, with a watched directory, ingest) deployments on the project's schedules. PREFECT_API_URL and
-    MLFLOW_TRACKING_URI replace the embedded servers; see prefect.yaml to scale out."""
+    MLFLOW_TRACKING_URI replace the embedded servers; --work-pool runs the flows on Prefect workers (README: Scaling out)."""
     import logging
 
     from flows.up import UpConfig, run_up
@@ -146,7 +148,8 @@ def up(
                        watch_dir=str(p.root / p.data.watch) if p.data.watch else "", schema=s.schema(),
                        labels=tuple(p.task.labels), label_map=dict(p.task.label_map),
                        eval_data=p.resolve(p.data.test) if p.data.test else "", kind=p.task.kind, recipe=p.student.recipe,
-                       retrain_cron=p.schedule.retrain_cron, retrain_interval_s=p.schedule.retrain_interval_s)
+                       retrain_cron=p.schedule.retrain_cron, retrain_interval_s=p.schedule.retrain_interval_s,
+                       work_pool=work_pool)
     except ValueError as e:
         raise UserError(str(e)) from e
     run_up(cfg, echo=lambda m: typer.echo(m))

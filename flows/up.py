@@ -13,8 +13,9 @@ registry's champion on it, and serves these deployments with ``prefect.serve``:
 - ``promote_flow/kdops-promote``, ``rollback_flow/kdops-rollback`` and ``review_flow/kdops-review``,
   run on demand (from the UI, ``prefect deployment run``, or the monitor).
 
-Scale-out is the same flows from ``prefect.yaml`` on a process work pool (see the README). Flow parameters are ids
-and paths only: Prefect stores them in its API.
+With ``work_pool`` (``kdops up --work-pool NAME``) the same deployments are registered on a Prefect process work pool
+and run by ``prefect worker`` processes, here and on other machines (``flows/workpool.py``; README, "Scaling out").
+Flow parameters are ids and paths only: Prefect stores them in its API.
 """
 
 from __future__ import annotations
