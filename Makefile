@@ -12,7 +12,7 @@ demo: setup        ## the main job: the whole loop on the shipped corpus and wei
 	.venv/bin/kdops --project examples/sentiment/kdops.toml demo --json out/demo.json --report out/demo.html
 
 test: setup        ## the whole suite, real servers included (what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup   ## unit tests only: no real servers, no real weights
 	$(PY) -m pytest -q -m "not slow and not server"
